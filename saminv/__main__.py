@@ -1,0 +1,3 @@
+from saminv.cli import main
+
+main()

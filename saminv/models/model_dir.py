@@ -1,0 +1,174 @@
+"""saminv's model directory: ``config.json`` + ``weights.safetensors`` (one concept, used everywhere).
+
+``config.json`` holds the generator architecture, the SAM latent spaces with their shapes, the
+calibrated tau, the preprocessing and where the weights came from. ``weights.safetensors`` holds
+the generator state_dict plus the W-prior statistics used by the Mahalanobis regularizer
+(``w_prior.mean`` [w_dim], ``w_prior.precision`` [w_dim, w_dim], both float32).
+
+``--model`` accepts a built-in name (a directory inside ``saminv/builtin``), a model directory or a
+rosinality ``.pt`` (converted once into a cache directory, see :mod:`saminv.models.checkpoints`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from saminv.errors import InputError
+from saminv.models.stylegan2 import Generator, GeneratorConfig
+
+FORMAT = "saminv-model"
+FORMAT_VERSION = 1
+DEFAULT_TAU = 0.225  # the official SAM default, used until a model is calibrated
+PRIOR_SLOPE = 5.0  # LeakyReLU(w, 5) undoes the mapping's last LeakyReLU(0.2) before the Gaussian fit
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
+
+
+@dataclass
+class WPrior:
+    """Gaussian fit of LeakyReLU(w, 5) over mapped samples (SAM Eq. 7): mean [D], precision [D, D]."""
+
+    mean: torch.Tensor
+    precision: torch.Tensor
+
+    @classmethod
+    @torch.no_grad()
+    def estimate(cls, G: Generator, n: int = 5000, seed: int = 0) -> "WPrior":
+        g = torch.Generator().manual_seed(seed)
+        w = G.mapping(torch.randn(n, G.cfg.z_dim, generator=g)).double()
+        v = torch.nn.functional.leaky_relu(w, PRIOR_SLOPE)
+        mean = v.mean(0)
+        cov = torch.cov(v.t()) + 1e-6 * torch.eye(v.shape[1], dtype=torch.float64)
+        return cls(mean.float(), torch.linalg.inv(cov).float())
+
+    def mahalanobis(self, ws: torch.Tensor) -> torch.Tensor:
+        """Mean squared Mahalanobis distance of LeakyReLU(ws, 5) [..., D] to the fit; a scalar."""
+        d = torch.nn.functional.leaky_relu(ws, PRIOR_SLOPE) - self.mean
+        return ((d @ self.precision) * d).sum(-1).mean()
+
+
+@dataclass
+class Model:
+    """A loaded model directory: the generator (eval mode) with its SAM settings."""
+
+    generator: Generator
+    prior: WPrior
+    tau: float = DEFAULT_TAU
+    meta: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.meta.get("name") or (self.path.name if self.path else "model")
+
+    def to(self, device: str | torch.device) -> "Model":
+        self.generator.to(device)
+        self.prior = WPrior(self.prior.mean.to(device), self.prior.precision.to(device))
+        return self
+
+
+def config_dict(model: Model) -> dict:
+    G = model.generator
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        **{k: v for k, v in model.meta.items() if k not in ("format", "version", "generator", "spaces", "tau")},
+        "generator": G.cfg.to_dict(),
+        "spaces": [{"name": s.name, "block": s.block, "shape": list(s.shape)} for s in G.spaces],
+        "tau": model.tau,
+        "preprocess": {"resolution": G.cfg.resolution, "crop": "center", "range": [-1.0, 1.0], "layout": "NCHW"},
+    }
+
+
+def save_model(model: Model, out: Path, overwrite: bool = False) -> Path:
+    """Write ``model`` as a model directory at ``out`` atomically (temp dir, then rename).
+
+    Raises FileExistsError if ``out`` exists and ``overwrite`` is False.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; choose another --out or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.generator.state_dict().items()}
+        tensors["w_prior.mean"] = model.prior.mean.cpu().contiguous()
+        tensors["w_prior.precision"] = model.prior.precision.cpu().contiguous()
+        save_file(tensors, str(tmp / "weights.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config_dict(model), indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    model.path = out
+    return out
+
+
+def load_model_dir(path: Path) -> Model:
+    """Load a model directory; raises InputError (one clear line) when it is not a valid one."""
+    path = Path(path)
+    cfg_path, w_path = path / "config.json", path / "weights.safetensors"
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise InputError(f"{path}: not a saminv model directory (needs config.json and weights.safetensors)")
+    try:
+        meta = json.loads(cfg_path.read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
+        cfg = GeneratorConfig.from_dict(meta["generator"])
+        tensors = load_file(str(w_path))
+        G = Generator(cfg)
+        prior = WPrior(tensors.pop("w_prior.mean"), tensors.pop("w_prior.precision"))
+        G.load_state_dict(tensors, strict=True)
+    except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: broken model directory: {str(e).splitlines()[0]}") from None
+    return Model(G.eval().requires_grad_(False), prior, float(meta.get("tau", DEFAULT_TAU)), meta, path)
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / "config.json").is_file()) if BUILTIN_DIR.is_dir() else []
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SAMINV_CACHE", Path.home() / ".cache" / "saminv"))
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_model(spec: str | Path, device: str | torch.device = "cpu") -> Model:
+    """Resolve ``--model``: a built-in name, a model directory, or a rosinality ``.pt``.
+
+    A checkpoint is converted on first use into ``$SAMINV_CACHE/models/<sha256[:16]>`` (default
+    ``~/.cache/saminv``). Raises InputError with one clear line for anything else.
+    """
+    spec_str = str(spec)
+    if spec_str in builtin_names():
+        return load_model_dir(BUILTIN_DIR / spec_str).to(device)
+    path = Path(spec_str).expanduser()
+    if path.is_dir():
+        return load_model_dir(path).to(device)
+    if path.is_file():
+        from saminv.models.checkpoints import convert_checkpoint
+
+        target = cache_dir() / "models" / file_sha256(path)[:16]
+        if not (target / "config.json").is_file():
+            save_model(convert_checkpoint(path), target, overwrite=True)
+        return load_model_dir(target).to(device)
+    names = ", ".join(builtin_names()) or "none installed"
+    raise InputError(f"--model {spec_str!r}: no such built-in model ({names}), directory or checkpoint file")

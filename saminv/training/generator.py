@@ -1,0 +1,189 @@
+"""Distil the built-in ``faces64`` StyleGAN2 from the DCGAN face teacher (``saminv train generator``).
+
+Objective ("mixed"): for z ~ N(0, I) the teacher renders x_T = T(z) and the student G(z) is trained
+with a paired L1 term, ``pair_weight * |G(z) - T(z)|``, which pins down the layout quickly, plus the
+non-saturating adversarial loss of StyleGAN2 against a small discriminator that sees teacher
+samples as real (with lazy R1), which restores the detail that regression alone averages away.
+Setting ``pair_weight=0`` gives pure adversarial distillation, ``adv_weight=0`` pure regression.
+
+The generator's EMA (half-life ``ema_kimg`` thousand images) is what is shipped. Training is
+resumable: ``checkpoint.pt`` (plain state_dicts, read with ``weights_only=True``) is written
+atomically every ``checkpoint_every`` steps, and every step appends one JSON line to ``log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from saminv.models.stylegan2 import Generator, GeneratorConfig
+from saminv.training.teacher import Z_DIM, load_teacher
+
+FACES64 = GeneratorConfig(resolution=64, z_dim=Z_DIM, w_dim=512, n_mapping=8, mapping_lr_mul=0.01,
+                          channel_base=4096, channel_max=128)
+
+
+@dataclass
+class DistillConfig:
+    """Hyper-parameters of generator distillation (defaults: the shipped faces64 run)."""
+
+    steps: int = 20_000
+    batch: int = 16
+    lr: float = 0.002  # generator (equalized learning rate)
+    d_lr: float = 0.0005  # discriminator (plain init)
+    pair_weight: float = 10.0
+    adv_weight: float = 1.0
+    r1_gamma: float = 0.05
+    r1_every: int = 16
+    ema_kimg: float = 10.0
+    checkpoint_every: int = 250
+    seed: int = 0
+
+
+class Discriminator(nn.Module):
+    """A light conv discriminator for 64x64 images: [N, 3, 64, 64] in [-1, 1] -> logits [N]."""
+
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 128, 128, 128)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, channels[0], 1), nn.LeakyReLU(0.2)]
+        for cin, cout in zip(channels, channels[1:]):  # 64 -> 32 -> 16 -> 8 -> 4
+            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.LeakyReLU(0.2), nn.AvgPool2d(2)]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Conv2d(channels[-1] + 1, channels[-1], 3, padding=1), nn.LeakyReLU(0.2),
+                                  nn.Flatten(), nn.Linear(channels[-1] * 16, channels[-1]), nn.LeakyReLU(0.2),
+                                  nn.Linear(channels[-1], 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.features(x)
+        std = h.std(dim=0, unbiased=False).mean().expand(h.shape[0], 1, *h.shape[2:])  # minibatch stddev
+        return self.head(torch.cat([h, std], dim=1)).squeeze(1)
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Distiller:
+    """State of one distillation run in ``out_dir`` (resumes from ``checkpoint.pt`` when present)."""
+
+    def __init__(self, out_dir: Path, cfg: DistillConfig, device: str = "cpu") -> None:
+        self.out_dir, self.cfg, self.device = Path(out_dir), cfg, torch.device(device)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        self.teacher = load_teacher(self.device)
+        self.G = Generator(FACES64).to(self.device).train()
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.D = Discriminator().to(self.device)
+        betas = (0.0, 0.99)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=betas)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.d_lr, betas=betas)
+        self.step = 0
+        ckpt = self.out_dir / "checkpoint.pt"
+        if ckpt.is_file():
+            self._load(ckpt)
+
+    def _load(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        for name in ("G", "G_ema", "D", "opt_G", "opt_D"):
+            getattr(self, name).load_state_dict(state[name])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["rng"])
+
+    def save(self) -> None:
+        _atomic_save({"G": self.G.state_dict(), "G_ema": self.G_ema.state_dict(), "D": self.D.state_dict(),
+                      "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
+                      "step": self.step, "rng": torch.get_rng_state(), "config": asdict(self.cfg)},
+                     self.out_dir / "checkpoint.pt")
+
+    def train_step(self) -> dict[str, float]:
+        cfg, G, D = self.cfg, self.G, self.D
+        z = torch.randn(cfg.batch, Z_DIM, device=self.device)
+        with torch.no_grad():
+            real = self.teacher(z)
+        logs: dict[str, float] = {}
+
+        # Generator: paired L1 + non-saturating adversarial.
+        D.requires_grad_(False)
+        fake = G(z, noise_mode="random")
+        pair = (fake - real).abs().mean()
+        loss_G = cfg.pair_weight * pair
+        if cfg.adv_weight > 0:
+            adv = F.softplus(-D(fake)).mean()
+            loss_G = loss_G + cfg.adv_weight * adv
+            logs["g_adv"] = adv.item()
+        self.opt_G.zero_grad(set_to_none=True)
+        loss_G.backward()
+        self.opt_G.step()
+        logs["pair_l1"] = pair.item()
+        logs["pair_psnr"] = float(10 * math.log10(4.0 / max((fake.detach() - real).square().mean().item(), 1e-12)))
+
+        # Discriminator: logistic loss, lazy R1 on teacher samples.
+        if cfg.adv_weight > 0:
+            D.requires_grad_(True)
+            loss_D = F.softplus(D(fake.detach())).mean() + F.softplus(-D(real)).mean()
+            if self.step % cfg.r1_every == 0:
+                real_r1 = real.detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(D(real_r1).sum(), real_r1, create_graph=True)
+                r1 = grad.square().sum(dim=(1, 2, 3)).mean()
+                loss_D = loss_D + cfg.r1_gamma / 2 * r1 * cfg.r1_every
+                logs["r1"] = r1.item()
+            self.opt_D.zero_grad(set_to_none=True)
+            loss_D.backward()
+            self.opt_D.step()
+            logs["d_loss"] = loss_D.item()
+
+        beta = 0.5 ** (cfg.batch / (cfg.ema_kimg * 1000))
+        with torch.no_grad():
+            for p_ema, p in zip(self.G_ema.parameters(), G.parameters()):
+                p_ema.lerp_(p, 1 - beta)
+            for b_ema, b in zip(self.G_ema.buffers(), G.buffers()):
+                b_ema.copy_(b)
+        self.step += 1
+        return logs
+
+    def train(self, steps: int | None = None, progress: bool = True) -> None:
+        """Train until ``steps`` total steps (default ``cfg.steps``), checkpointing as it goes."""
+        total = steps or self.cfg.steps
+        log = open(self.out_dir / "log.jsonl", "a")
+        bar = tqdm(total=total, initial=self.step, desc="distil faces64", disable=not progress, unit="step")
+        try:
+            while self.step < total:
+                t0 = time.time()
+                logs = self.train_step()
+                logs.update(step=self.step, seconds=round(time.time() - t0, 3))
+                log.write(json.dumps(logs) + "\n")
+                bar.update(1)
+                bar.set_postfix(psnr=f"{logs['pair_psnr']:.2f}", g=f"{logs.get('g_adv', 0):.2f}",
+                                d=f"{logs.get('d_loss', 0):.2f}")
+                if self.step % self.cfg.checkpoint_every == 0 or self.step == total:
+                    log.flush()
+                    self.save()
+        finally:
+            bar.close()
+            log.close()
+
+
+def export_model(run: Distiller, out: Path) -> Path:
+    """Write the run's EMA generator as a model directory: w_avg and the W prior are estimated here;
+    tau keeps the default until ``saminv calibrate`` sets it."""
+    from saminv.models.model_dir import Model, WPrior, save_model
+
+    G = copy.deepcopy(run.G_ema).cpu().eval()
+    G.mapping.w_avg.copy_(G.mean_w())
+    model = Model(G, WPrior.estimate(G), meta={
+        "name": Path(out).name,
+        "source": {"format": "saminv-distilled", "teacher": "gan-face-generate 1.1.1 DCGAN",
+                   "steps": run.step, "config": asdict(run.cfg)}})
+    return save_model(model, Path(out), overwrite=True)
