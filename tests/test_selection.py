@@ -1,0 +1,95 @@
+"""SAM's per-segment selection rule, segment averaging and exclusive masks (pure functions)."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from skimage.data import astronaut
+
+from saminv.inversion.optimize import projector_lr
+from saminv.inversion.sam import segment, segment_means, select_spaces, space_index, space_masks
+
+
+def test_rule_takes_the_most_editable_space_under_tau():
+    # rows: W+, F2, F4, F6, F8 (most editable first); columns: segments
+    errors = np.array([[0.10, 0.50, 0.30, 0.9],
+                       [0.08, 0.40, 0.20, 0.9],
+                       [0.05, 0.30, 0.25, 0.9],
+                       [0.04, 0.20, 0.10, 0.9],
+                       [0.03, 0.19, 0.05, 0.8]])
+    assert select_spaces(errors, tau=0.225).tolist() == [0, 3, 1, 4]
+
+
+def test_rule_when_errors_are_not_monotone():
+    # A less editable space may be worse than a more editable one: the last match walking F8 -> W+ wins.
+    errors = np.array([[0.3], [0.1], [0.4]])
+    assert select_spaces(errors, 0.2).tolist() == [1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.floats(0, 1), min_size=5, max_size=5), min_size=1, max_size=20), st.floats(0, 1))
+def test_rule_matches_its_definition(columns, tau):
+    errors = np.array(columns).T
+    choice = select_spaces(errors, tau)
+    for j, c in enumerate(choice):
+        passing = np.flatnonzero(errors[:, j] <= tau)
+        assert c == (passing[0] if passing.size else errors.shape[0] - 1)
+
+
+def test_segment_means_average_over_each_segment():
+    labels = np.array([[0, 0, 1], [2, 2, 1]])
+    maps = np.stack([np.array([[1.0, 3.0, 5.0], [2.0, 4.0, 7.0]]), np.zeros((2, 3))])
+    np.testing.assert_allclose(segment_means(maps, labels), [[2.0, 6.0, 3.0], [0, 0, 0]])
+
+
+def test_slic_on_a_real_photo():
+    img = np.asarray(__import__("PIL.Image", fromlist=["Image"]).fromarray(astronaut()).resize((64, 64)))
+    labels = segment(img, 48)
+    assert labels.shape == (64, 64) and labels.min() == 0
+    assert 20 <= labels.max() + 1 <= 80
+    assert np.array_equal(np.unique(labels), np.arange(labels.max() + 1))
+
+
+class _Space:
+    def __init__(self, shape):
+        self.shape = shape
+
+
+class _FakeModel:
+    """Only what space_masks needs: generator.space(name).shape."""
+
+    class generator:
+        @staticmethod
+        def space(name):
+            r = {"F2": 8, "F4": 16, "F6": 32, "F8": 64}[name]
+            return _Space((16, r, r))
+
+
+def test_masks_are_exclusive_and_resized():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, size=(64, 64))
+    names = ["W+", "F2", "F4", "F6", "F8"]
+    masks = space_masks(_FakeModel(), labels, names)
+    assert sorted(masks) == [2, 4, 6, 8]
+    assert masks[2].shape == (1, 1, 8, 8) and masks[8].shape == (1, 1, 64, 64)
+    assert torch.equal(masks[8][0, 0], torch.from_numpy(labels == 4).float())
+    # area resizing keeps the share of each space, and the masks of one resolution never overlap
+    for k, i in zip([2, 4, 6], [1, 2, 3]):
+        assert masks[k].mean().item() == pytest.approx((labels == i).mean(), abs=1e-6)
+    total = sum(torch.nn.functional.interpolate(masks[k], size=(8, 8), mode="area") for k in masks)
+    assert total.max() <= 1 + 1e-6
+
+
+def test_space_index():
+    assert space_index("F6") == 6 and space_index("W+") is None and space_index("W") is None
+    with pytest.raises(ValueError):
+        space_index("G3")
+
+
+def test_projector_schedule():
+    steps = 1000
+    lrs = [projector_lr(i, steps, 0.05) for i in range(steps)]
+    assert lrs[0] == 0 and lrs[25] == pytest.approx(0.025)
+    assert max(lrs) == pytest.approx(0.05) and lrs[500] == pytest.approx(0.05)
+    assert lrs[-1] < 0.001 and all(a >= b for a, b in zip(lrs[750:], lrs[751:]))
