@@ -6,7 +6,7 @@ batch may use different spaces, so all single-space inversions of an image run a
 
 Loss (official defaults, shared/README.md)::
 
-    MSE + LPIPS                                  (output area-downsampled to <= 256 px)
+    MSE + LPIPS                                  (LPIPS on the output area-downsampled to <= 256 px)
     + 1e-8 * Mahalanobis(LeakyReLU(w_i, 5))       (W prior, Eq. 7)
     + 1e-3 * sum_i ||w_i - w_0||                  (W+ spread)
     + 5 * sum_k mean(delta_f_k^2)                 (F regularizer, Eq. 8)
@@ -85,10 +85,17 @@ def _area_down(x: Tensor, size: int) -> Tensor:
     return F.interpolate(x, size=(size, size), mode="area") if x.shape[-1] > size else x
 
 
-def reconstruction_loss(lpips: LPIPS, x: Tensor, target: Tensor, cfg: InversionConfig) -> Tensor:
-    """Per-item MSE + LPIPS [N] between images [N, 3, H, W] in [-1, 1]."""
-    x, target = _area_down(x, cfg.lpips_max_size), _area_down(target, cfg.lpips_max_size)
-    return cfg.mse_weight * (x - target).square().mean(dim=(1, 2, 3)) + cfg.lpips_weight * lpips(x, target)
+class ReconstructionLoss:
+    """Per-item MSE + LPIPS [N] to a fixed target [N, 3, H, W] in [-1, 1] (target features cached)."""
+
+    def __init__(self, lpips: LPIPS, target: Tensor, cfg: InversionConfig) -> None:
+        self.lpips, self.cfg, self.target = lpips, cfg, target
+        self.target_features = lpips.target_features(_area_down(target, cfg.lpips_max_size))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        mse = (x - self.target).square().mean(dim=(1, 2, 3))
+        perceptual = self.lpips.distance_to(_area_down(x, self.cfg.lpips_max_size), self.target_features)
+        return self.cfg.mse_weight * mse + self.cfg.lpips_weight * perceptual
 
 
 def optimize_codes(model: Model, lpips: LPIPS, target: Tensor, codes: Codes, tie_w: Tensor | None = None,
@@ -106,13 +113,14 @@ def optimize_codes(model: Model, lpips: LPIPS, target: Tensor, codes: Codes, tie
     deltas = {k: d.detach().clone().requires_grad_(True) for k, d in codes.deltas.items()}
     opt = torch.optim.Adam([wplus, *deltas.values()], lr=cfg.lr, betas=(0.9, 0.999))
     tie = tie_w.view(-1, 1, 1) if tie_w is not None else None
+    reconstruction = ReconstructionLoss(lpips, target, cfg)
     for step in tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False, unit="step"):
         for group in opt.param_groups:
             group["lr"] = projector_lr(step, cfg.steps, cfg.lr)
         ws = wplus if tie is None else torch.where(tie, wplus[:, :1].expand_as(wplus), wplus)
         current = Codes(ws, deltas, codes.masks)
         x = current.render(model, cfg.noise_mode)
-        loss = reconstruction_loss(lpips, x, target, cfg).sum()
+        loss = reconstruction(x).sum()
         loss = loss + cfg.prior_weight * model.prior.mahalanobis(ws) * ws.shape[0]
         loss = loss + cfg.spread_weight * (ws[:, 1:] - ws[:, :1]).norm(dim=-1).sum()
         for d in deltas.values():

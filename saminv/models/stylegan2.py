@@ -20,7 +20,10 @@ ends with the convolution driven by ``w+[2b]``, so its output feature map is the
 
     f_k = g_{i->k}(f_i, w+) + m_k * delta_f_k,    x = g_{k->out}(f_k, w+)
 
-The residual touches the feature map only; the RGB skip image continues from the block as usual.
+The residual is added to the block's feature map before its ToRGB, so f_k feeds the rest of the
+generator, its own ToRGB included (this keeps F_last, the last block of a small generator, a real
+space: its delta reaches the image through its ToRGB). The RGB skip image coming into the block is
+not touched.
 """
 
 from __future__ import annotations
@@ -278,14 +281,17 @@ class SynthesisBlock(nn.Module):
         self.torgb = ToRGB(out_ch, cfg.w_dim, up=block > 0)
         self.out_channels = out_ch
 
-    def forward(self, x: Tensor | None, skip: Tensor | None, ws: Tensor, noise_mode: NoiseMode
-                ) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor | None, skip: Tensor | None, ws: Tensor, noise_mode: NoiseMode,
+                hook: FeatureHook | None = None) -> tuple[Tensor, Tensor]:
+        """(features, skip RGB) of the previous block -> this block's; ``hook(k, f_k)`` edits f_k."""
         k = 2 * self.index
         if self.conv0 is None:
             x = self.const.expand(ws.shape[0], -1, -1, -1)
         else:
             x = self.conv0(x, ws[:, k - 1], noise_mode)
         x = self.conv1(x, ws[:, k], noise_mode)
+        if hook is not None:
+            x = hook(k, x)
         return x, self.torgb(x, ws[:, k + 1], skip)
 
 
@@ -303,9 +309,9 @@ class Synthesis(nn.Module):
         """Run blocks ``first..last`` (inclusive): the segment g_{i->j} of the paper.
 
         ``state`` is the (features, skip RGB) pair output by block ``first - 1`` (None when
-        ``first == 0``). ``hook(k, x)`` is applied to the features after each block of a SAM latent
-        space F_k (k = 2 * block) and returns the features that continue; the skip image is not
-        touched. Returns the (features, skip RGB) of block ``last``.
+        ``first == 0``). ``hook(k, f_k)`` is applied to the features of each block that is a SAM
+        latent space F_k (k = 2 * block), before that block's ToRGB, and returns the features that
+        continue. Returns the (features, skip RGB) of block ``last``.
         """
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
@@ -314,9 +320,8 @@ class Synthesis(nn.Module):
         assert (state is None) == (first == 0), "state is required exactly when first > 0"
         x, skip = state if state is not None else (None, None)
         for block in self.blocks[first:last + 1]:
-            x, skip = block(x, skip, ws, noise_mode)
-            if hook is not None and block.index in self.cfg.feature_blocks:
-                x = hook(2 * block.index, x)
+            block_hook = hook if block.index in self.cfg.feature_blocks else None
+            x, skip = block(x, skip, ws, noise_mode, block_hook)
         return x, skip
 
     def forward(self, ws: Tensor, residuals: Mapping[int, tuple[Tensor, Tensor]] | None = None,

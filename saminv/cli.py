@@ -1,0 +1,248 @@
+"""The ``saminv`` command line: convert, generate, invert, calibrate, train.
+
+Every command reports bad input as one line on stderr and exits with code 2 (1 when some images of
+a batch failed); outputs are written atomically and never overwrite silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from saminv.errors import InputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="GAN inversion and editing by Spatially-Adaptive Multilayer Selection (SAM) on StyleGAN2.")
+train_app = typer.Typer(no_args_is_help=True, help="Train saminv's models.")
+app.add_typer(train_app, name="train")
+
+MODEL_HELP = "A built-in model name, a model directory, or a rosinality StyleGAN2 .pt checkpoint."
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def reports_errors(fn: Callable) -> Callable:
+    """Turn InputError (and Ctrl-C) into one line on stderr and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InputError as e:
+            fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+    return wrapper
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise InputError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    return device
+
+
+@app.command()
+@reports_errors
+def convert(checkpoint: Path = typer.Argument(..., help="rosinality-format StyleGAN2 .pt (g_ema, latent_avg)."),
+            out: Path = typer.Option(..., "--out", help="Model directory to write (must not exist)."),
+            ) -> None:
+    """Convert a StyleGAN2 checkpoint into a saminv model directory (config.json + weights.safetensors)."""
+    from saminv.models.checkpoints import convert_checkpoint
+    from saminv.models.model_dir import save_model
+
+    if out.exists():
+        raise InputError(f"{out} exists; choose another --out")
+    model = convert_checkpoint(checkpoint)
+    save_model(model, out)
+    cfg = model.generator.cfg
+    typer.echo(f"wrote {out}: {cfg.resolution} px, {cfg.n_latent} w vectors, spaces "
+               f"{', '.join(s.name for s in model.generator.spaces)}")
+
+
+@app.command()
+@reports_errors
+def generate(model: str = typer.Option("faces64", help=MODEL_HELP),
+             latents: Optional[Path] = typer.Option(None, help="W+ codes .npy shaped (N, n_latent, w_dim) or W codes (N, w_dim)."),
+             num: int = typer.Option(8, help="Without --latents: number of random samples."),
+             seed: int = typer.Option(0, help="Without --latents: seed of the random z."),
+             truncation: float = typer.Option(1.0, help="Without --latents: truncation psi toward w_avg."),
+             out: Path = typer.Option(Path("samples"), help="Output directory (a new one if it exists)."),
+             save_array: bool = typer.Option(False, "--save-array", help="Also write images.npy: float32 NCHW in [-1, 1]."),
+             ) -> None:
+    """Render W+ codes (const noise) to PNGs."""
+    import numpy as np
+    import torch
+
+    from saminv.imageio import from_tensor_range, save_png, unique_dir, atomic_write
+    from saminv.models.model_dir import load_model
+
+    m = load_model(model)
+    G = m.generator
+    if latents is not None:
+        try:
+            ws = np.load(latents, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise InputError(f"{latents}: not a readable .npy file ({e})") from None
+        if ws.ndim == 2 and ws.shape[1] == G.cfg.w_dim:
+            ws = np.repeat(ws[:, None], G.cfg.n_latent, axis=1)
+        if ws.ndim != 3 or ws.shape[1:] != (G.cfg.n_latent, G.cfg.w_dim):
+            raise InputError(f"{latents}: shape {ws.shape}, expected (N, {G.cfg.n_latent}, {G.cfg.w_dim})")
+        ws = torch.from_numpy(ws.astype(np.float32))
+    else:
+        z = torch.randn(num, G.cfg.z_dim, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            ws = G.broadcast(G.mapping(z, truncation))
+    out = unique_dir(out)
+    out.mkdir(parents=True)
+    with torch.no_grad():
+        images = torch.cat([G.synthesis(ws[i:i + 16], noise_mode="const") for i in range(0, len(ws), 16)])
+    for i, img in enumerate(images):
+        save_png(out / f"{i:05d}.png", from_tensor_range(img.numpy()))
+    if save_array:
+        atomic_write(out / "images.npy", lambda p: np.save(p, images.numpy().astype(np.float32)))
+    typer.echo(f"wrote {len(images)} images to {out}")
+
+
+def parse_spaces(spaces: Optional[str], available: list[str]) -> list[str] | None:
+    if not spaces:
+        return None
+    names = [s.strip() for s in spaces.split(",") if s.strip()]
+    bad = [n for n in names if n not in available]
+    if bad or not names:
+        raise InputError(f"--spaces {spaces!r}: choose from {', '.join(available)}")
+    return sorted(set(names), key=available.index)
+
+
+@app.command()
+@reports_errors
+def invert(paths: list[Path] = typer.Argument(..., help="Images or directories of images."),
+           model: str = typer.Option("faces64", help=MODEL_HELP),
+           out: Path = typer.Option(Path("saminv-out"), help="Output root; one folder per image, never overwritten."),
+           tau: Optional[float] = typer.Option(None, help="Invertibility threshold (default: the model's calibrated tau)."),
+           steps: int = typer.Option(250, min=1, help="Optimization steps, per stage (single-space and SAM)."),
+           spaces: Optional[str] = typer.Option(None, help="Comma-separated latent spaces to choose from (default: all of the model's)."),
+           segments: int = typer.Option(48, min=1, help="Number of SLIC superpixels."),
+           device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda[:N]."),
+           seed: int = typer.Option(0, help="Seed (random noise is off; this fixes SLIC/torch state)."),
+           ) -> None:
+    """Invert photos with SAM optimization: reconstruction, layer map, side-by-side, codes, metrics."""
+    import torch
+    from tqdm import tqdm
+
+    from saminv.imageio import collect_images, load_image, unique_dir
+    from saminv.inversion.optimize import InversionConfig
+    from saminv.inversion.sam import sam_invert
+    from saminv.models.lpips import LPIPS
+    from saminv.models.model_dir import load_model
+    from saminv.outputs import write_inversion
+
+    torch.manual_seed(seed)
+    dev = pick_device(device)
+    files = collect_images(paths)
+    m = load_model(model, dev)
+    names = parse_spaces(spaces, [s.name for s in m.generator.spaces])
+    if tau is not None and not 0 <= tau:
+        raise InputError("--tau must be >= 0")
+    lpips = LPIPS().to(dev)
+    cfg = InversionConfig(steps=steps)
+    failures: list[str] = []
+    for path in tqdm(files, desc="images", unit="img", disable=len(files) < 2):
+        try:
+            image = load_image(path, m.generator.cfg.resolution)
+            result = sam_invert(m, lpips, image, tau=tau, names=names, cfg=cfg, n_segments=segments, progress=True)
+            target_dir = unique_dir(out / path.stem)
+            write_inversion(target_dir, image, result, m)
+            mt = result.metrics
+            share = ", ".join(f"{k} {v:.0%}" for k, v in mt["space_share"].items() if v > 0)
+            tqdm.write(f"{path}: PSNR {mt['psnr']:.2f} dB, LPIPS {mt['lpips']:.3f}, {share}, "
+                       f"{mt['seconds']:.0f} s -> {target_dir}")
+        except InputError as e:
+            failures.append(str(e))
+            tqdm.write(f"error: {e}", file=sys.stderr)
+    if failures:
+        typer.echo(f"{len(files) - len(failures)} of {len(files)} images inverted; failed:", err=True)
+        for f in failures:
+            typer.echo(f"  {f}", err=True)
+        raise typer.Exit(1 if len(failures) < len(files) else 2)
+
+
+@app.command()
+@reports_errors
+def calibrate(model: str = typer.Option("faces64", help="A built-in name or model directory (config.json is updated)."),
+              num: int = typer.Option(16, help="Generated validation images."),
+              steps: int = typer.Option(250, help="Optimization steps of the W+ inversions."),
+              quantile: float = typer.Option(0.9, help="Quantile of per-segment W+ errors that becomes tau."),
+              ) -> None:
+    """Calibrate tau on generated images (in-domain for W+) and store it in the model's config.json."""
+    from saminv.inversion.calibration import calibrate_tau, store_tau
+    from saminv.models.lpips import LPIPS
+    from saminv.models.model_dir import load_model
+
+    m = load_model(model)
+    if m.path is None or m.path.parent.name == "models":
+        raise InputError("calibrate needs a model directory or built-in name, not a checkpoint")
+    tau, stats = calibrate_tau(m, LPIPS(), num=num, steps=steps, quantile=quantile, progress=True)
+    store_tau(m.path, tau, stats)
+    typer.echo(f"tau = {tau:.4f} (quantile {quantile} of {stats['segments']} segment errors) -> {m.path / 'config.json'}")
+
+
+@app.command("sample-photo")
+@reports_errors
+def sample_photo(name: str = typer.Argument("astronaut", help="astronaut, messi (needs Debian opencv-doc) or lfw-0 .. lfw-199."),
+                 out: Path = typer.Option(..., help="PNG file to write (must not exist)."),
+                 ) -> None:
+    """Write a real face photo that ships with installed packages (for demos and tests)."""
+    from saminv.imageio import save_png
+    from saminv.photos import face_photo
+
+    if out.exists():
+        raise InputError(f"{out} exists; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_png(out, face_photo(name))
+    typer.echo(f"wrote {out}")
+
+
+@train_app.command("generator")
+@reports_errors
+def train_generator(out: Path = typer.Option(Path("runs/faces64"), help="Run directory (resumes from its checkpoint.pt)."),
+                    steps: int = typer.Option(20_000, help="Total steps to reach (a resumed run continues)."),
+                    batch: int = typer.Option(16),
+                    pair_weight: float = typer.Option(10.0, help="Weight of the paired L1 to the teacher (0: pure GAN)."),
+                    adv_weight: float = typer.Option(1.0, help="Weight of the adversarial loss (0: pure regression)."),
+                    export: Optional[Path] = typer.Option(None, help="Afterwards, write the EMA generator as a model directory here."),
+                    device: str = typer.Option("cpu"),
+                    ) -> None:
+    """Distil the built-in faces64 StyleGAN2 from the DCGAN face teacher (resumable)."""
+    from saminv.training.generator import DistillConfig, Distiller, export_model
+
+    try:
+        run = Distiller(out, DistillConfig(steps=steps, batch=batch, pair_weight=pair_weight, adv_weight=adv_weight),
+                        pick_device(device))
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
+    run.train()
+    if export is not None:
+        export_model(run, export)
+        typer.echo(f"wrote {export}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
