@@ -133,7 +133,7 @@ def invert(paths: list[Path] = typer.Argument(..., help="Images or directories o
            model: str = typer.Option("faces64", help=MODEL_HELP),
            out: Path = typer.Option(Path("saminv-out"), help="Output root; one folder per image, never overwritten."),
            tau: Optional[float] = typer.Option(None, help="Invertibility threshold (default: the model's calibrated tau)."),
-           steps: int = typer.Option(250, min=1, help="Optimization steps, per stage (single-space and SAM)."),
+           steps: int = typer.Option(200, min=1, help="Optimization steps, per stage (single-space and SAM)."),
            spaces: Optional[str] = typer.Option(None, help="Comma-separated latent spaces to choose from (default: all of the model's)."),
            segments: int = typer.Option(48, min=1, help="Number of SLIC superpixels."),
            device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda[:N]."),
@@ -152,20 +152,29 @@ def invert(paths: list[Path] = typer.Argument(..., help="Images or directories o
 
     torch.manual_seed(seed)
     dev = pick_device(device)
-    files = collect_images(paths)
+    files, failures = [], []
+    for p in paths:  # a missing path or an empty directory fails alone; the others still run
+        try:
+            files += collect_images([p])
+        except InputError as e:
+            failures.append(str(e))
+            typer.echo(f"error: {e}", err=True)
+    if not files:
+        raise InputError(failures[0] if len(failures) == 1 else "no images to invert")
     m = load_model(model, dev)
     names = parse_spaces(spaces, [s.name for s in m.generator.spaces])
     if tau is not None and not 0 <= tau:
         raise InputError("--tau must be >= 0")
     lpips = LPIPS().to(dev)
     cfg = InversionConfig(steps=steps)
-    failures: list[str] = []
+    inverted = 0
     for path in tqdm(files, desc="images", unit="img", disable=len(files) < 2):
         try:
             image = load_image(path, m.generator.cfg.resolution)
             result = sam_invert(m, lpips, image, tau=tau, names=names, cfg=cfg, n_segments=segments, progress=True)
             target_dir = unique_dir(out / path.stem)
             write_inversion(target_dir, image, result, m)
+            inverted += 1
             mt = result.metrics
             share = ", ".join(f"{k} {v:.0%}" for k, v in mt["space_share"].items() if v > 0)
             tqdm.write(f"{path}: PSNR {mt['psnr']:.2f} dB, LPIPS {mt['lpips']:.3f}, {share}, "
@@ -174,28 +183,35 @@ def invert(paths: list[Path] = typer.Argument(..., help="Images or directories o
             failures.append(str(e))
             tqdm.write(f"error: {e}", file=sys.stderr)
     if failures:
-        typer.echo(f"{len(files) - len(failures)} of {len(files)} images inverted; failed:", err=True)
+        typer.echo(f"{inverted} of {inverted + len(failures)} inputs inverted; failed:", err=True)
         for f in failures:
             typer.echo(f"  {f}", err=True)
-        raise typer.Exit(1 if len(failures) < len(files) else 2)
+        raise typer.Exit(1)
 
 
 @app.command()
 @reports_errors
 def calibrate(model: str = typer.Option("faces64", help="A built-in name or model directory (config.json is updated)."),
-              num: int = typer.Option(16, help="Generated validation images."),
-              steps: int = typer.Option(250, help="Optimization steps of the W+ inversions."),
-              quantile: float = typer.Option(0.9, help="Quantile of per-segment W+ errors that becomes tau."),
+              images: Optional[list[Path]] = typer.Option(None, help="Validation photos or directories (default: lfw-100 .. lfw-115)."),
+              steps: int = typer.Option(200, help="Optimization steps of the W+ inversions."),
+              quantile: float = typer.Option(0.5, min=0.0, max=1.0, help="Quantile of per-segment W+ errors that becomes tau."),
               ) -> None:
-    """Calibrate tau on generated images (in-domain for W+) and store it in the model's config.json."""
-    from saminv.inversion.calibration import calibrate_tau, store_tau
+    """Calibrate tau on validation photos and store it in the model's config.json."""
+    from saminv.imageio import collect_images, load_image, resize_square
+    from saminv.inversion.calibration import VALIDATION_PHOTOS, calibrate_tau, store_tau
     from saminv.models.lpips import LPIPS
-    from saminv.models.model_dir import load_model
+    from saminv.models.model_dir import cache_dir, load_model
+    from saminv.photos import face_photo
 
     m = load_model(model)
-    if m.path is None or m.path.parent.name == "models":
+    if m.path is None or cache_dir() in m.path.parents:
         raise InputError("calibrate needs a model directory or built-in name, not a checkpoint")
-    tau, stats = calibrate_tau(m, LPIPS(), num=num, steps=steps, quantile=quantile, progress=True)
+    r = m.generator.cfg.resolution
+    if images:
+        photos = [load_image(p, r) for p in collect_images(images)]
+    else:
+        photos = [resize_square(face_photo(n), r) for n in VALIDATION_PHOTOS]
+    tau, stats = calibrate_tau(m, LPIPS(), photos, steps=steps, quantile=quantile, progress=True)
     store_tau(m.path, tau, stats)
     typer.echo(f"tau = {tau:.4f} (quantile {quantile} of {stats['segments']} segment errors) -> {m.path / 'config.json'}")
 

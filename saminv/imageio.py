@@ -107,8 +107,15 @@ def load_image(path: str | Path, resolution: int) -> np.ndarray:
     path = Path(path)
     img = _decode(path)
     img = _apply_exif_orientation(img)
-    rgb = _to_rgb(img, path)
-    square = _center_crop(rgb)
+    return resize_square(_to_rgb(img, path), resolution)
+
+
+def resize_square(img: Image.Image | np.ndarray, resolution: int) -> np.ndarray:
+    """Centre-crop an RGB image (PIL or H x W x 3 uint8) to a square and Lanczos-resize it to
+    ``resolution`` -> ``resolution x resolution x 3`` uint8: the preprocessing of every input."""
+    if isinstance(img, np.ndarray):
+        img = Image.fromarray(img)
+    square = _center_crop(img)
     if square.size != (resolution, resolution):
         square = square.resize((resolution, resolution), Image.Resampling.LANCZOS, reducing_gap=3.0)
     return np.array(square, dtype=np.uint8)

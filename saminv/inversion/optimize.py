@@ -34,7 +34,7 @@ from saminv.models.stylegan2 import NoiseMode
 class InversionConfig:
     """Optimization settings; defaults follow sam_inv_optimization.py except ``steps``."""
 
-    steps: int = 250
+    steps: int = 200
     lr: float = 0.05
     mse_weight: float = 1.0
     lpips_weight: float = 1.0

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from skimage.segmentation import slic
 from torch import Tensor
 
+from saminv.imageio import to_tensor_range
 from saminv.inversion.optimize import Codes, InversionConfig, optimize_codes, start_codes
 from saminv.metrics import psnr
 from saminv.models.lpips import LPIPS
@@ -71,6 +72,11 @@ def invert_spaces(model: Model, lpips: LPIPS, target: Tensor, names: list[str],
         errors = lpips(images, target.repeat(s, 1, 1, 1), spatial=True)[:, 0]
     r = G.cfg.resolution
     return SpaceInversions(list(names), images.view(s, n, 3, r, r), errors.view(s, n, r, r), codes)
+
+
+def to_target(image: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
+    """R x R x 3 uint8 image -> [1, 3, R, R] float32 in [-1, 1]."""
+    return torch.from_numpy(to_tensor_range(image)).to(device)
 
 
 def segment(image: np.ndarray, n_segments: int = 48, compactness: float = 10.0) -> np.ndarray:
@@ -148,7 +154,7 @@ def sam_invert(model: Model, lpips: LPIPS, image: np.ndarray, tau: float | None 
     names = names or [s.name for s in G.spaces]
     for name in names:
         G.space(name) if name != "W" else None
-    target = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
+    target = to_target(image, device)
 
     single = invert_spaces(model, lpips, target, names, cfg, progress)
     labels_seg = segment(image, n_segments)
