@@ -192,16 +192,16 @@ def invert(paths: list[Path] = typer.Argument(..., help="Images or directories o
 @app.command()
 @reports_errors
 def calibrate(model: str = typer.Option("faces64", help="A built-in name or model directory (config.json is updated)."),
-              images: Optional[list[Path]] = typer.Option(None, help="Validation photos or directories (default: lfw-100 .. lfw-115)."),
+              images: Optional[list[Path]] = typer.Option(None, help="Validation photos or directories (default: 16 crops of scikit-image photos)."),
               steps: int = typer.Option(200, help="Optimization steps of the W+ inversions."),
               quantile: float = typer.Option(0.5, min=0.0, max=1.0, help="Quantile of per-segment W+ errors that becomes tau."),
               ) -> None:
     """Calibrate tau on validation photos and store it in the model's config.json."""
     from saminv.imageio import collect_images, load_image, resize_square
-    from saminv.inversion.calibration import VALIDATION_PHOTOS, calibrate_tau, store_tau
+    from saminv.inversion.calibration import calibrate_tau, store_tau
     from saminv.models.lpips import LPIPS
     from saminv.models.model_dir import cache_dir, load_model
-    from saminv.photos import face_photo
+    from saminv.photos import validation_photos
 
     m = load_model(model)
     if m.path is None or cache_dir() in m.path.parents:
@@ -210,7 +210,7 @@ def calibrate(model: str = typer.Option("faces64", help="A built-in name or mode
     if images:
         photos = [load_image(p, r) for p in collect_images(images)]
     else:
-        photos = [resize_square(face_photo(n), r) for n in VALIDATION_PHOTOS]
+        photos = [resize_square(p, r) for p in validation_photos()]
     tau, stats = calibrate_tau(m, LPIPS(), photos, steps=steps, quantile=quantile, progress=True)
     store_tau(m.path, tau, stats)
     typer.echo(f"tau = {tau:.4f} (quantile {quantile} of {stats['segments']} segment errors) -> {m.path / 'config.json'}")
@@ -238,15 +238,17 @@ def train_generator(out: Path = typer.Option(Path("runs/faces64"), help="Run dir
                     steps: int = typer.Option(20_000, help="Total steps to reach (a resumed run continues)."),
                     batch: int = typer.Option(16),
                     pair_weight: float = typer.Option(10.0, help="Weight of the paired L1 to the teacher (0: pure GAN)."),
-                    adv_weight: float = typer.Option(1.0, help="Weight of the adversarial loss (0: pure regression)."),
-                    export: Optional[Path] = typer.Option(None, help="Afterwards, write the EMA generator as a model directory here."),
+                    adv_weight: float = typer.Option(0.0, help="Weight of the adversarial loss (0: regression only)."),
+                    hint_weight: float = typer.Option(1.0, help="Weight of the feature hints to the teacher's 4..32 px maps."),
+                    export: Optional[Path] = typer.Option(None, help="Afterwards, write the EMA generator as a model directory here (replaced if it exists)."),
                     device: str = typer.Option("cpu"),
                     ) -> None:
     """Distil the built-in faces64 StyleGAN2 from the DCGAN face teacher (resumable)."""
     from saminv.training.generator import DistillConfig, Distiller, export_model
 
     try:
-        run = Distiller(out, DistillConfig(steps=steps, batch=batch, pair_weight=pair_weight, adv_weight=adv_weight),
+        run = Distiller(out, DistillConfig(steps=steps, batch=batch, pair_weight=pair_weight, adv_weight=adv_weight,
+                                                 hint_weight=hint_weight),
                         pick_device(device))
     except FileNotFoundError as e:
         raise InputError(str(e)) from None
@@ -254,6 +256,29 @@ def train_generator(out: Path = typer.Option(Path("runs/faces64"), help="Run dir
     if export is not None:
         export_model(run, export)
         typer.echo(f"wrote {export}")
+
+
+@train_app.command("report")
+@reports_errors
+def train_report(model: str = typer.Option("faces64", help=MODEL_HELP),
+                 n: int = typer.Option(2000, help="Samples per set for the Fréchet distance."),
+                 out: Path = typer.Option(Path("docs"), help="Directory for <name>_samples.png and <name>_fd.json."),
+                 ) -> None:
+    """Sample grid (student beside teacher) and Fréchet distance to the DCGAN teacher, with its floor."""
+    from saminv.imageio import save_json, save_png
+    from saminv.models.model_dir import load_model
+    from saminv.training.report import frechet_report, sample_grid
+
+    m = load_model(model)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        save_png(out / f"{m.name}_samples.png", sample_grid(m))
+        report = frechet_report(m, n)
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(str(e)) from None
+    save_json(out / f"{m.name}_fd.json", report)
+    typer.echo(f"FD student-teacher {report['fd_student_teacher']:.2f}, floor teacher-teacher "
+               f"{report['fd_teacher_teacher_floor']:.2f} ({n} samples each) -> {out}")
 
 
 def main() -> None:

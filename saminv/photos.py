@@ -4,6 +4,9 @@
 * ``lfw-<i>``: scikit-image's ``lfw_subset`` (Labeled Faces in the Wild), 25 x 25 grayscale face crops,
   i = 0..199 (as RGB; upscaled by the preprocessing);
 * ``messi``: Debian ``opencv-doc`` ``messi5.jpg`` face crop, when that package is installed.
+
+:func:`validation_photos` are other real photos of scikit-image (no faces, none of the above), two
+square crops each, for calibrating a model's tau on content it was not trained on.
 """
 
 from __future__ import annotations
@@ -38,6 +41,29 @@ def _messi() -> np.ndarray:
     if not path.is_file():
         raise InputError("photo 'messi' needs Debian's opencv-doc (apt-get install opencv-doc)")
     return np.asarray(Image.open(path).convert("RGB"))[52:132, 196:276]
+
+
+VALIDATION_SOURCES = ("chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "camera",
+                      "coins", "retina")
+
+
+def validation_photos() -> list[np.ndarray]:
+    """16 real photos (H x W x 3 uint8): the first and last square crop of each VALIDATION_SOURCES image
+    (for a square image: the whole image and its central half)."""
+    import skimage.data
+
+    out = []
+    for name in VALIDATION_SOURCES:
+        img = getattr(skimage.data, name)()
+        if img.ndim == 2:
+            img = np.repeat(img[:, :, None], 3, axis=2)
+        h, w = img.shape[:2]
+        side = min(h, w)
+        if h == w:
+            out += [img, img[side // 4:side - side // 4, side // 4:side - side // 4]]
+        else:
+            out += [img[:side, :side], img[h - side:, w - side:]]
+    return out
 
 
 def photo_names() -> list[str]:

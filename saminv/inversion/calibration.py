@@ -6,8 +6,10 @@ is the ``quantile`` of their per-segment W+ errors (measured after the default o
 the default quantile 0.5, the typical validation segment stays in W+ (editable) and the harder half
 moves to the F_k spaces, which is the paper's intent (Sec. 3.2) expressed in the model's own units.
 
-The default validation set for faces is ``lfw-100 .. lfw-115`` (:mod:`saminv.photos`), disjoint from
-the photos that tests and benchmarks evaluate on.
+The default validation set is :func:`saminv.photos.validation_photos` (16 crops of real scikit-image
+photos, disjoint from the face photos that tests and benchmarks evaluate on): sharp colour content
+that no generator was trained on. (The 25 px LFW faces are too blurry for this: once upscaled they
+are far easier to invert than a real 64 px photo, which put tau near zero.)
 """
 
 from __future__ import annotations
@@ -23,9 +25,6 @@ from saminv.inversion.optimize import InversionConfig
 from saminv.inversion.sam import invert_spaces, segment, segment_means, to_target
 from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import Model
-
-VALIDATION_PHOTOS = [f"lfw-{i}" for i in range(100, 116)]
-
 
 def calibrate_tau(model: Model, lpips: LPIPS, images: list[np.ndarray], steps: int = 200, quantile: float = 0.5,
                   n_segments: int = 48, progress: bool = False) -> tuple[float, dict]:

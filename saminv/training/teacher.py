@@ -45,6 +45,16 @@ class DCGANGenerator(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         return self.main(z.view(z.shape[0], -1, 1, 1))
 
+    def features(self, z: Tensor) -> tuple[list[Tensor], Tensor]:
+        """(feature maps after each ReLU: [N, 512, 4, 4], [N, 256, 8, 8], [N, 128, 16, 16],
+        [N, 64, 32, 32]; image [N, 3, 64, 64])."""
+        x, feats = z.view(z.shape[0], -1, 1, 1), []
+        for layer in self.main:
+            x = layer(x)
+            if isinstance(layer, nn.ReLU):
+                feats.append(x)
+        return feats, x
+
 
 def load_teacher(device: str | torch.device = "cpu") -> DCGANGenerator:
     """The pretrained teacher in eval mode (BatchNorm running statistics), gradients off."""

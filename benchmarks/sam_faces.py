@@ -1,0 +1,67 @@
+"""SAM vs single-space inversion on real face photos (issue: foundation, "Done when").
+
+For each photo: SAM optimization at the model's calibrated tau and the default step budget, next to
+the single-space inversions that SAM measures anyway (same step budget), so the comparison is at
+equal steps. Prints a table and writes JSON.
+
+    python benchmarks/sam_faces.py [--model faces64] [--steps 200] [--photos astronaut,messi,lfw-0] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from saminv.imageio import resize_square
+from saminv.inversion.optimize import InversionConfig
+from saminv.inversion.sam import sam_invert
+from saminv.models.lpips import LPIPS
+from saminv.models.model_dir import load_model
+from saminv.photos import OPENCV_DATA, face_photo
+
+DEFAULT_PHOTOS = ["astronaut", "messi", "lfw-0", "lfw-1", "lfw-2"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="faces64")
+    ap.add_argument("--steps", type=int, default=InversionConfig.steps)
+    ap.add_argument("--photos", default=",".join(DEFAULT_PHOTOS))
+    ap.add_argument("--tau", type=float, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    model = load_model(args.model)
+    lpips = LPIPS()
+    names = [n for n in args.photos.split(",") if n != "messi" or (OPENCV_DATA / "messi5.jpg").is_file()]
+    rows = []
+    for name in names:
+        image = resize_square(face_photo(name), model.generator.cfg.resolution)
+        torch.manual_seed(0)
+        t0 = time.time()
+        r = sam_invert(model, lpips, image, tau=args.tau, cfg=InversionConfig(steps=args.steps))
+        m = r.metrics
+        rows.append({"photo": name, "seconds": round(time.time() - t0, 1), "sam_psnr": m["psnr"], "sam_lpips": m["lpips"],
+                     "w_plus_share": m["space_share"]["W+"], "space_share": m["space_share"],
+                     "single_psnr": {k: v["psnr"] for k, v in m["single_space"].items()},
+                     "single_lpips": {k: v["lpips"] for k, v in m["single_space"].items()}})
+        row = rows[-1]
+        singles = " ".join(f"{k} {v:5.2f}" for k, v in row["single_psnr"].items())
+        print(f"{name:10s} SAM {row['sam_psnr']:5.2f} dB / {row['sam_lpips']:.3f}  W+ {row['single_psnr']['W+']:5.2f} dB / "
+              f"{row['single_lpips']['W+']:.3f}  gain {row['sam_psnr'] - row['single_psnr']['W+']:+5.2f} dB  "
+              f"W+ share {row['w_plus_share']:4.0%}  [{singles}]  {row['seconds']:.0f} s", flush=True)
+    gain = np.mean([r["sam_psnr"] - r["single_psnr"]["W+"] for r in rows])
+    print(f"mean PSNR gain of SAM over W+: {gain:+.2f} dB; tau {model.tau if args.tau is None else args.tau}; "
+          f"steps {args.steps} per stage; torch threads {torch.get_num_threads()}")
+    if args.out:
+        args.out.write_text(json.dumps({"model": args.model, "tau": args.tau or model.tau, "steps": args.steps,
+                                        "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
