@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -381,3 +382,41 @@ def test_foreign_pickle_runs_no_code(tmp_path):
 
     (tmp_path / "other.pt").write_bytes(_pickle_global("mypackage.models", "Thing") + b".")
     _expect_error(tmp_path / "other.pt", "unknown checkpoint format", "mypackage.models.Thing")
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+@torch.no_grad()
+def test_convert_and_generate_cli_match_the_reference(ckpt32, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from saminv.cli import app
+
+    monkeypatch.setenv("SAMINV_CACHE", str(tmp_path / "cache"))
+    path, ckpt = ckpt32
+    runner = CliRunner()
+    res = runner.invoke(app, ["convert", str(path), "--out", str(tmp_path / "model")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "model" / "config.json").is_file()
+    assert runner.invoke(app, ["convert", str(path), "--out", str(tmp_path / "model")]).exit_code == 2  # exists
+
+    gen = torch.Generator().manual_seed(5)
+    ws = ref_mapping(ckpt["g_ema"], torch.randn(2 * 8, 512, generator=gen), 8).view(2, 8, 512)
+    np.save(tmp_path / "latents.npy", ws.numpy())
+    for model in (tmp_path / "model", path):  # a model directory, or the .pt converted on first use
+        out = tmp_path / f"out-{model.name}"
+        res = runner.invoke(app, ["generate", "--model", str(model), "--latents", str(tmp_path / "latents.npy"),
+                                  "--out", str(out), "--save-array"])
+        assert res.exit_code == 0, res.output
+        images = torch.from_numpy(np.load(out / "images.npy"))
+        assert images.dtype == torch.float32 and images.shape == (2, 3, 32, 32)
+        assert max_diff(images, ref_synthesis(ckpt["g_ema"], ws)) <= 1e-3
+        assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png"]
+
+    np.save(tmp_path / "bad.npy", np.zeros((2, 7, 512), np.float32))
+    res = runner.invoke(app, ["generate", "--model", str(path), "--latents", str(tmp_path / "bad.npy")])
+    assert res.exit_code == 2 and "expected (N, 8, 512)" in res.output
+    (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 truncated")
+    res = runner.invoke(app, ["generate", "--model", str(tmp_path / "broken.pt")])
+    assert res.exit_code == 2 and "broken.pt" in res.output and "Traceback" not in res.output

@@ -213,3 +213,31 @@ def test_generated_image_is_recovered_in_w_plus(model, lpips):
         target = G(torch.randn(1, G.cfg.z_dim, generator=torch.Generator().manual_seed(3)), truncation=0.7)
     inv = invert_spaces(model, lpips, target.clamp(-1, 1), ["W+"], InversionConfig(steps=80))
     assert psnr(inv.images[0], target).item() > 24
+
+
+def test_calibrate_stores_tau_in_the_model_directory(tmp_path, model):
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(model.path, model_dir)
+    photos = []
+    for name in ("lfw-7", "astronaut"):
+        photos.append(tmp_path / f"{name}.png")
+        Image.fromarray(face_photo(name)).save(photos[-1])
+    args = ["calibrate", "--model", model_dir, "--steps", 3, "--quantile", 0.25]
+    res = invoke(*args, *[a for p in photos for a in ("--images", p)])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((model_dir / "config.json").read_text())
+    record = cfg["tau_calibration"]
+    assert record["images"] == 2 and record["quantile"] == 0.25
+    assert 0 < cfg["tau"] <= record["error_quartiles"][1]
+    assert load_model(model_dir).tau == cfg["tau"]
+
+
+def test_sample_photo(tmp_path):
+    out = tmp_path / "face.png"
+    assert invoke("sample-photo", "astronaut", "--out", out).exit_code == 0
+    assert np.array_equal(np.asarray(Image.open(out)), face_photo("astronaut"))
+    assert invoke("sample-photo", "astronaut", "--out", out).exit_code == 2  # never overwrites
+    res = invoke("sample-photo", "nobody", "--out", tmp_path / "x.png")
+    assert res.exit_code == 2 and "nobody" in res.output
