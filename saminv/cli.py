@@ -137,7 +137,7 @@ def invert(paths: list[Path] = typer.Argument(..., help="Images or directories o
            spaces: Optional[str] = typer.Option(None, help="Comma-separated latent spaces to choose from (default: all of the model's)."),
            segments: int = typer.Option(48, min=1, help="Number of SLIC superpixels."),
            device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda[:N]."),
-           seed: int = typer.Option(0, help="Seed (random noise is off; this fixes SLIC/torch state)."),
+           seed: int = typer.Option(0, help="Seed of torch's random state."),
            ) -> None:
     """Invert photos with SAM optimization: reconstruction, layer map, side-by-side, codes, metrics."""
     import torch

@@ -11,6 +11,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -48,22 +51,36 @@ def load_codes(path: Path) -> Codes:
 
 
 def write_inversion(out_dir: Path, image: np.ndarray, result: SamResult, model: Model) -> None:
-    """Write the five outputs of one inverted image into a new directory ``out_dir``."""
+    """Write the five outputs of one inverted image as a new directory ``out_dir``.
+
+    The files are written into a hidden temporary directory beside it, which is renamed into place
+    at the end, so an interrupted or failed write never leaves a partial ``out_dir``. Raises
+    InputError (one line) when the location is not writable.
+    """
     try:
-        out_dir.mkdir(parents=True, exist_ok=False)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     except OSError as e:
         raise InputError(f"cannot write {out_dir}: {e.strerror or e}") from None
+    try:
+        _write_files(tmp, image, result, model)
+        os.rename(tmp, out_dir)
+    except OSError as e:
+        raise InputError(f"cannot write {out_dir}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_files(out_dir: Path, image: np.ndarray, result: SamResult, model: Model) -> None:
     recon = from_tensor_range(result.image.cpu().numpy())
     shares = [result.metrics["space_share"][n] for n in result.names]
     lmap = layer_map_image(result.labels, result.names)
-    legend = legend_image(result.names, lmap.shape[0] * PANEL_SCALE, shares)
     save_png(out_dir / "reconstruction.png", recon)
     big = lmap.repeat(PANEL_SCALE, 0).repeat(PANEL_SCALE, 1)
-    save_png(out_dir / "layer_map.png", np.concatenate([big, legend], axis=1))
+    save_png(out_dir / "layer_map.png", np.concatenate([big, legend_image(result.names, big.shape[0], shares)], axis=1))
     panel = side_by_side([image, recon, lmap], ["input", f"SAM {result.metrics['psnr']:.1f} dB", "layer map"],
                          scale=PANEL_SCALE)
-    legend = legend_image(result.names, panel.shape[0], shares)
-    save_png(out_dir / "side_by_side.png", np.concatenate([panel, legend], axis=1))
+    save_png(out_dir / "side_by_side.png",
+             np.concatenate([panel, legend_image(result.names, panel.shape[0], shares)], axis=1))
     save_codes(out_dir / "codes.safetensors", result.codes, result.names, model, result.metrics["tau"])
     save_json(out_dir / "metrics.json", {"model": model.name, **result.metrics})
-
