@@ -6,7 +6,8 @@
 4. Per segment, walk the spaces from least to most editable (F_last ... W+) and assign the segment to
    every space whose mean error is <= tau: the last match (the most editable that passes) wins; if
    none passes, the least editable space (the official refinement rule).
-5. Exclusive masks per space, area-resized to each F_k, and the joint optimization of {w+, delta_f_k}.
+5. Exclusive masks per space, area-resized to each F_k, and the joint optimization of {w+, delta_f_k},
+   started from the W+ inversion's w+ and delta_f = 0 (embed, then refine).
 """
 
 from __future__ import annotations
@@ -162,8 +163,10 @@ def sam_invert(model: Model, lpips: LPIPS, image: np.ndarray, tau: float | None 
     labels = select_spaces(seg_err, tau)[labels_seg]
 
     masks = space_masks(model, labels, names, device)
-    codes = optimize_codes(model, lpips, target, start_codes(model, 1, masks), cfg=cfg, progress=progress,
-                           desc="SAM joint optimization")
+    start = start_codes(model, 1, masks)
+    if "W+" in names:  # embed, then refine: start the joint optimization from the W+ inversion
+        start.wplus = single.codes.wplus[names.index("W+"):names.index("W+") + 1].clone()
+    codes = optimize_codes(model, lpips, target, start, cfg=cfg, progress=progress, desc="SAM joint optimization")
     with torch.no_grad():
         recon = codes.render(model)
         metrics = {
