@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/saminv sample-photo astronaut --out $(DEMO_OUT)/astronaut.png
+	test -f $(DEMO_OUT)/astronaut.png || $(BIN)/saminv sample-photo astronaut --out $(DEMO_OUT)/astronaut.png
 	$(BIN)/saminv invert $(DEMO_OUT)/astronaut.png --model faces64 --out $(DEMO_OUT)
 
 test: install
