@@ -66,10 +66,6 @@ def validation_photos() -> list[np.ndarray]:
     return out
 
 
-def photo_names() -> list[str]:
-    return ["astronaut", "messi"] + [f"lfw-{i}" for i in range(LFW_COUNT)]
-
-
 def face_photo(name: str) -> np.ndarray:
     """The named face crop as an H x W x 3 uint8 RGB array; raises InputError for an unknown name."""
     if name == "astronaut":

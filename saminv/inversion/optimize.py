@@ -76,9 +76,6 @@ class Codes:
         return Codes(self.wplus.detach().clone(), {k: v.detach().clone() for k, v in self.deltas.items()},
                      {k: v.detach().clone() for k, v in self.masks.items()})
 
-    def select(self, index: Tensor | slice | list[int]) -> "Codes":
-        return Codes(self.wplus[index], {k: v[index] for k, v in self.deltas.items()},
-                     {k: v[index] for k, v in self.masks.items()})
 
 
 def _area_down(x: Tensor, size: int) -> Tensor:

@@ -63,7 +63,7 @@ _NORM_EPS = 1e-10  # as in LPIPS: f / (||f|| + eps)
 def lpips_weights_path() -> Path:
     """Path of the ST-LPIPS VGG16 weights inside the installed ``stlpips-pytorch`` package.
 
-    The package is located without being imported (its modules import torchvision).
+    The package is located without being imported (its modules need torchvision).
 
     Raises:
         FileNotFoundError: the package is not installed, or its weights file is missing.

@@ -138,10 +138,6 @@ class LatentSpace:
     block: int | None
     shape: tuple[int, ...] = field(default=())  # (C, r, r) for F_k, (n_latent, w_dim) for W+
 
-    @property
-    def is_feature(self) -> bool:
-        return self.block is not None
-
 
 class EqualLinear(nn.Module):
     """Linear layer with equalized learning rate: y = x (W * c)^T + b * lr_mul, c = lr_mul/sqrt(in)."""

