@@ -110,11 +110,15 @@ def optimize_codes(model: Model, lpips: LPIPS, target: Tensor, codes: Codes, tie
     deltas = {k: d.detach().clone().requires_grad_(True) for k, d in codes.deltas.items()}
     opt = torch.optim.Adam([wplus, *deltas.values()], lr=cfg.lr, betas=(0.9, 0.999))
     tie = tie_w.view(-1, 1, 1) if tie_w is not None else None
+
+    def effective_wplus() -> Tensor:  # items inverted in W use their first w in every layer
+        return wplus if tie is None else torch.where(tie, wplus[:, :1].expand_as(wplus), wplus)
+
     reconstruction = ReconstructionLoss(lpips, target, cfg)
     for step in tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False, unit="step"):
         for group in opt.param_groups:
             group["lr"] = projector_lr(step, cfg.steps, cfg.lr)
-        ws = wplus if tie is None else torch.where(tie, wplus[:, :1].expand_as(wplus), wplus)
+        ws = effective_wplus()
         current = Codes(ws, deltas, codes.masks)
         x = current.render(model, cfg.noise_mode)
         loss = reconstruction(x).sum()
@@ -126,7 +130,7 @@ def optimize_codes(model: Model, lpips: LPIPS, target: Tensor, codes: Codes, tie
         loss.backward()
         opt.step()
     with torch.no_grad():
-        ws = wplus if tie is None else torch.where(tie, wplus[:, :1].expand_as(wplus), wplus)
+        ws = effective_wplus()
     return Codes(ws, deltas, codes.masks).detach()
 
 

@@ -146,7 +146,7 @@ def sam_invert(model: Model, lpips: LPIPS, image: np.ndarray, tau: float | None 
     """Invert an R x R x 3 uint8 image with SAM (measured invertibility; paper Sec. 3).
 
     ``names``: the latent spaces to choose from, most editable first (default: the model's spaces).
-    ``tau``: the threshold (default: the model's calibrated tau). Raises ValueError on bad names.
+    ``tau``: the threshold (default: the model's calibrated tau). Raises KeyError on unknown spaces.
     """
     t0 = time.time()
     G = model.generator
@@ -154,7 +154,8 @@ def sam_invert(model: Model, lpips: LPIPS, image: np.ndarray, tau: float | None 
     tau = model.tau if tau is None else tau
     names = names or [s.name for s in G.spaces]
     for name in names:
-        G.space(name) if name != "W" else None
+        if name != "W":
+            G.space(name)  # raises KeyError for a space this model does not have
     target = to_target(image, device)
 
     single = invert_spaces(model, lpips, target, names, cfg, progress)
