@@ -1,4 +1,4 @@
-"""The ``saminv`` command line: convert, generate, invert, calibrate, train.
+"""The ``saminv`` command line: convert, generate, invert, edit, directions, calibrate, train.
 
 Every command reports bad input as one line on stderr and exits with code 2 (1 when some images of
 a batch failed); outputs are written atomically and never overwrite silently.
@@ -19,6 +19,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="GAN inversion and editing by Spatially-Adaptive Multilayer Selection (SAM) on StyleGAN2.")
 train_app = typer.Typer(no_args_is_help=True, help="Train saminv's models.")
 app.add_typer(train_app, name="train")
+directions_app = typer.Typer(no_args_is_help=True, help="Build and list a model's direction library (edits).")
+app.add_typer(directions_app, name="directions")
 
 MODEL_HELP = "A built-in model name, a model directory, or a rosinality StyleGAN2 .pt checkpoint."
 
@@ -87,16 +89,13 @@ def generate(model: str = typer.Option("faces64", help=MODEL_HELP),
     import numpy as np
     import torch
 
-    from saminv.imageio import from_tensor_range, save_png, unique_dir, atomic_write
+    from saminv.imageio import atomic_write, from_tensor_range, load_array, save_png, unique_dir
     from saminv.models.model_dir import load_model
 
     m = load_model(model)
     G = m.generator
     if latents is not None:
-        try:
-            ws = np.load(latents, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise InputError(f"{latents}: not a readable .npy file ({e})") from None
+        ws = load_array(latents)
         if ws.ndim == 2 and ws.shape[1] == G.cfg.w_dim:
             ws = np.repeat(ws[:, None], G.cfg.n_latent, axis=1)
         if ws.ndim != 3 or ws.shape[1:] != (G.cfg.n_latent, G.cfg.w_dim):
@@ -138,6 +137,7 @@ def invert(paths: list[Path] = typer.Argument(..., help="Images or directories o
            segments: int = typer.Option(48, min=1, help="Number of SLIC superpixels."),
            device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda[:N]."),
            seed: int = typer.Option(0, help="Seed of torch's random state."),
+           edits: int = typer.Option(0, min=0, max=20, help="Add a grid of the top-N GANSpace edits to the side-by-side."),
            ) -> None:
     """Invert photos with SAM optimization: reconstruction, layer map, side-by-side, codes, metrics."""
     import torch
@@ -173,7 +173,13 @@ def invert(paths: list[Path] = typer.Argument(..., help="Images or directories o
             image = load_image(path, m.generator.cfg.resolution)
             result = sam_invert(m, lpips, image, tau=tau, names=names, cfg=cfg, n_segments=segments, progress=True)
             target_dir = unique_dir(out / path.stem)
-            write_inversion(target_dir, image, result, m)
+            grid = None
+            if edits:
+                from saminv.editing.session import GRID_STRENGTHS, ganspace_grid_rows
+                from saminv.outputs import edit_grid_image
+
+                grid = edit_grid_image(ganspace_grid_rows(m, result.codes, edits), GRID_STRENGTHS)
+            write_inversion(target_dir, image, result, m, grid)
             inverted += 1
             mt = result.metrics
             share = ", ".join(f"{k} {v:.0%}" for k, v in mt["space_share"].items() if v > 0)
@@ -187,6 +193,151 @@ def invert(paths: list[Path] = typer.Argument(..., help="Images or directories o
         for f in failures:
             typer.echo(f"  {f}", err=True)
         raise typer.Exit(1)
+
+
+@app.command()
+@reports_errors
+def edit(input: Path = typer.Argument(..., help="A codes.safetensors from saminv invert, or a photo (inverted with SAM first)."),
+         direction: str = typer.Option(..., help="ganspace:K, sefa:K, a name in the model's library, or a .npy "
+                                                 "of shape (n_latent, w_dim) or (w_dim,)."),
+         strength: Optional[float] = typer.Option(None, help="One strength (default 3; GANSpace/SeFa/boundary "
+                                                            "directions count in standard deviations of W)."),
+         strengths: Optional[str] = typer.Option(None, help="A sweep a:b:n, e.g. -3:3:7 (writes a strip and a GIF)."),
+         layers: Optional[str] = typer.Option(None, help="w+ layers i-j the edit moves (default: the direction's own)."),
+         model: Optional[str] = typer.Option(None, help=MODEL_HELP + " Default: the codes' model, else faces64."),
+         out: Path = typer.Option(Path("saminv-edits"), help="Output root; one new folder per edit."),
+         steps: int = typer.Option(200, min=1, help="For a photo: optimization steps per SAM stage."),
+         device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda[:N]."),
+         ) -> None:
+    """Edit SAM codes along a direction by the per-layer rule (regions in F_k take the edit only after layer k)."""
+    import time
+
+    from saminv.editing.directions import parse_layers, resolve
+    from saminv.editing.session import load_edit_input, parse_strengths, sweep_images
+    from saminv.imageio import unique_dir
+    from saminv.outputs import write_edit
+
+    values = parse_strengths(strength, strengths)
+    m, saved, origin = load_edit_input(input, model, steps, pick_device(device))
+    d = resolve(m, direction, parse_layers(layers, m.generator.cfg.n_latent))
+    t0 = time.perf_counter()
+    images = sweep_images(m, saved, d, values)
+    ms = (time.perf_counter() - t0) * 1000 / len(values)
+    stem = input.stem if input.suffix != ".safetensors" else input.parent.name or input.stem
+    target = unique_dir(out / f"{stem}_{d.name.replace(':', '')}")
+    info = {"model": m.name, "input": origin, "direction": d.name, "source": d.source, "layers": list(d.layers),
+            "ms_per_image": round(ms, 2)}
+    write_edit(target, images, values, saved, m, d.vector.cpu().numpy(), info)
+    typer.echo(f"{d.name} (layers {d.layers[0]}-{d.layers[1]}) at {', '.join(f'{v:+g}' for v in values)}: "
+               f"{ms:.1f} ms per image -> {target}")
+
+
+@directions_app.command("list")
+@reports_errors
+def directions_list(model: str = typer.Option("faces64", help=MODEL_HELP)) -> None:
+    """List the stored directions of a model (ganspace:K and sefa:K also work when not stored)."""
+    from saminv.editing.directions import load_library
+    from saminv.models.model_dir import load_model
+
+    m = load_model(model)
+    library = load_library(m.path) if m.path else {}
+    if not library:
+        typer.echo(f"{m.name}: no stored directions (ganspace:K and sefa:K are computed on use)")
+    for name, d in library.items():
+        typer.echo(f"{name:24s} layers {d.layers[0]}-{d.layers[1]}  {d.source}")
+
+
+def _store(model, directions) -> None:
+    from saminv.editing.directions import save_directions
+
+    if model.path is None:
+        raise InputError("this model has no directory to store directions in")
+    path = save_directions(model.path, directions)
+    typer.echo(f"stored {', '.join(d.name for d in directions)} -> {path}")
+
+
+@directions_app.command("ganspace")
+@reports_errors
+def directions_ganspace(model: str = typer.Option("faces64", help=MODEL_HELP),
+                        num: int = typer.Option(10, min=1, help="Principal components to store (ganspace:0 ..)."),
+                        samples: int = typer.Option(10_000, min=100, help="Mapped w samples for the PCA."),
+                        layers: Optional[str] = typer.Option(None, help="w+ layers i-j the directions move (default all)."),
+                        ) -> None:
+    """GANSpace: principal components of mapped w (strength 1 = one standard deviation)."""
+    from saminv.editing.directions import ganspace, parse_layers
+    from saminv.models.model_dir import load_model
+
+    m = load_model(model)
+    span = parse_layers(layers, m.generator.cfg.n_latent)
+    _store(m, [d.with_layers(span) for d in ganspace(m.generator, num, samples)])
+
+
+@directions_app.command("sefa")
+@reports_errors
+def directions_sefa(model: str = typer.Option("faces64", help=MODEL_HELP),
+                    num: int = typer.Option(10, min=1, help="Eigenvectors to store (sefa:0 ..)."),
+                    layers: Optional[str] = typer.Option(None, help="w+ layers i-j whose modulation weights are factorized (default all)."),
+                    ) -> None:
+    """SeFa: closed-form factorization of the modulation weights (strength 1 = one standard deviation)."""
+    from saminv.editing.directions import parse_layers, sefa
+    from saminv.models.model_dir import load_model
+
+    m = load_model(model)
+    _store(m, sefa(m.generator, num, parse_layers(layers, m.generator.cfg.n_latent)))
+
+
+@directions_app.command("boundary")
+@reports_errors
+def directions_boundary(name: str = typer.Argument(..., help="Name of the new direction."),
+                        latents: Path = typer.Option(..., help=".npy of W codes (N, w_dim)."),
+                        labels: Path = typer.Option(..., help=".npy of N binary labels (the direction points to the larger value)."),
+                        model: str = typer.Option("faces64", help=MODEL_HELP),
+                        layers: Optional[str] = typer.Option(None, help="w+ layers i-j the direction moves (default all)."),
+                        ) -> None:
+    """InterFaceGAN-style boundary: the normal of a linear SVM on labelled latents."""
+    from saminv.editing.directions import boundary, parse_layers
+    from saminv.imageio import load_array
+    from saminv.models.model_dir import load_model
+
+    m = load_model(model)
+    span = parse_layers(layers, m.generator.cfg.n_latent)
+    _store(m, [boundary(m.generator, load_array(latents), load_array(labels), name, span)])
+
+
+@directions_app.command("pair")
+@reports_errors
+def directions_pair(name: str = typer.Argument(..., help="Name of the new direction."),
+                    source: Path = typer.Argument(..., help="'Before': a codes.safetensors or a photo."),
+                    target: Path = typer.Argument(..., help="'After': a codes.safetensors or a photo."),
+                    model: Optional[str] = typer.Option(None, help=MODEL_HELP + " Default: the codes' model, else faces64."),
+                    layers: Optional[str] = typer.Option(None, help="w+ layers i-j the direction moves (default all)."),
+                    steps: int = typer.Option(200, min=1, help="For photos: optimization steps per SAM stage."),
+                    ) -> None:
+    """Custom edit from one image pair: the difference of their inverted w+ over the chosen layers."""
+    from saminv.editing.directions import pair, parse_layers
+    from saminv.editing.session import load_edit_input
+
+    m, before, _ = load_edit_input(source, model, steps)
+    m2, after, _ = load_edit_input(target, model or m.name, steps)
+    if m2.name != m.name:
+        raise InputError(f"{source} and {target} belong to different models ({m.name}, {m2.name})")
+    _store(m, [pair(before.codes.wplus, after.codes.wplus, name, parse_layers(layers, m.generator.cfg.n_latent))])
+
+
+@directions_app.command("add")
+@reports_errors
+def directions_add(name: str = typer.Argument(..., help="Name of the new direction."),
+                   array: Path = typer.Argument(..., help=".npy of shape (n_latent, w_dim) or (w_dim,)."),
+                   model: str = typer.Option("faces64", help=MODEL_HELP),
+                   layers: Optional[str] = typer.Option(None, help="w+ layers i-j the direction moves (default all)."),
+                   ) -> None:
+    """Store a user's direction in the model's library."""
+    from saminv.editing.directions import from_array, parse_layers
+    from saminv.imageio import load_array
+    from saminv.models.model_dir import load_model
+
+    m = load_model(model)
+    _store(m, [from_array(load_array(array), name, m.generator, parse_layers(layers, m.generator.cfg.n_latent), f"user array {array.name}")])
 
 
 @app.command()

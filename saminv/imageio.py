@@ -332,6 +332,14 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
+def load_array(path: str | Path) -> np.ndarray:
+    """A ``.npy`` array (pickles refused). Raises InputError for a missing or unreadable file."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise InputError(f"{path}: not a readable .npy file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
 def unique_dir(base: str | Path) -> Path:
     """``base`` if nothing exists there yet, else the first free ``base-1``, ``base-2``, ...
 

@@ -59,7 +59,10 @@ def test_invert_writes_every_output(tmp_path, face_png, model):
     assert sum(metrics["space_share"].values()) == pytest.approx(1.0)
     assert metrics["tau"] == pytest.approx(model.tau)
     # The codes re-render the reconstruction (up to 8-bit quantization).
-    codes = load_codes(d / "codes.safetensors")
+    saved = load_codes(d / "codes.safetensors")
+    codes = saved.codes
+    assert saved.model == "faces64" and saved.names == ["W+", "F2", "F4", "F6", "F8"]
+    assert saved.labels.shape == (64, 64)
     with torch.no_grad():
         again = ((codes.render(model)[0].clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).numpy()
     recon = np.asarray(Image.open(d / "reconstruction.png")).astype(np.float32)

@@ -72,12 +72,12 @@ def test_residual_is_added_after_its_block_only(G):
     delta = torch.randn(1, *s.shape)
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., :8, :] = 1  # top half only
-    x4, _ = G.synthesis.run(ws, 0, 2, hook=lambda k, x: x + mask * delta if k == 4 else x)
+    x4, _ = G.synthesis.run(ws, 0, 2, hook=lambda k, x, skip: (x + mask * delta if k == 4 else x, skip))
     ref4, _ = G.synthesis.run(ws, 0, 2)
     diff = (x4 - ref4).abs().sum(1)[0]
     assert diff[8:].max() == 0 and diff[:8].min() > 0
     # The skip image entering the block is untouched: blocks before F4 give the same state.
-    state = G.synthesis.run(ws, 0, 1, hook=lambda k, x: x + delta if k == 4 else x)
+    state = G.synthesis.run(ws, 0, 1, hook=lambda k, x, skip: (x + delta if k == 4 else x, skip))
     assert all(torch.equal(a, b) for a, b in zip(state, G.synthesis.run(ws, 0, 1)))
     assert not torch.equal(G.synthesis(ws, {4: (mask, delta)}), G.synthesis(ws))
 

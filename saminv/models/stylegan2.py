@@ -40,7 +40,10 @@ NoiseMode = Literal["const", "random", "none"]
 NOISE_MODES = ("const", "random", "none")
 
 #: Called after a block with (space index k, features [N, C, r, r]); returns the new features.
-FeatureHook = Callable[[int, Tensor], Tensor]
+FeatureHook = Callable[[int, Tensor, Tensor | None], tuple[Tensor, Tensor | None]]
+"""``hook(k, f_k, skip) -> (f_k, skip)``: sees the features F_k [N, C, r, r] of a latent-space block
+and the RGB skip image [N, 3, r, r] arriving at it (already upsampled; None in the 4x4 block), before
+that block's ToRGB, and returns the pair that continues."""
 
 _SQRT2 = math.sqrt(2.0)
 
@@ -236,7 +239,11 @@ class StyledConv(nn.Module):
 
 
 class ToRGB(nn.Module):
-    """1x1 modulated conv (no demodulation) to RGB, plus the upsampled skip image."""
+    """1x1 modulated conv (no demodulation) to RGB, added to the incoming skip image.
+
+    ``upsample_skip`` brings the previous block's RGB [N, 3, r/2, r/2] to this block's size (the
+    [1, 3, 3, 1] blur, upfirdn2d up=2); ``forward`` adds this block's RGB to it.
+    """
 
     def __init__(self, in_ch: int, w_dim: int, up: bool) -> None:
         super().__init__()
@@ -247,12 +254,14 @@ class ToRGB(nn.Module):
         else:
             self.upsample = None
 
+    def upsample_skip(self, skip: Tensor | None) -> Tensor | None:
+        if skip is None:
+            return None
+        return F.conv_transpose2d(skip, self.upsample, stride=2, padding=1, groups=3)
+
     def forward(self, x: Tensor, w: Tensor, skip: Tensor | None) -> Tensor:
         rgb = self.conv(x, w) + self.bias.view(1, 3, 1, 1)
-        if skip is not None:
-            skip = F.conv_transpose2d(skip, self.upsample, stride=2, padding=1, groups=3)
-            rgb = rgb + skip
-        return rgb
+        return rgb if skip is None else rgb + skip
 
 
 class SynthesisBlock(nn.Module):
@@ -279,15 +288,17 @@ class SynthesisBlock(nn.Module):
 
     def forward(self, x: Tensor | None, skip: Tensor | None, ws: Tensor, noise_mode: NoiseMode,
                 hook: FeatureHook | None = None) -> tuple[Tensor, Tensor]:
-        """(features, skip RGB) of the previous block -> this block's; ``hook(k, f_k)`` edits f_k."""
+        """(features, skip RGB) of the previous block -> this block's; ``hook`` may change F_k and the
+        incoming skip image before this block's ToRGB (see FeatureHook)."""
         k = 2 * self.index
         if self.conv0 is None:
             x = self.const.expand(ws.shape[0], -1, -1, -1)
         else:
             x = self.conv0(x, ws[:, k - 1], noise_mode)
         x = self.conv1(x, ws[:, k], noise_mode)
+        skip = self.torgb.upsample_skip(skip)
         if hook is not None:
-            x = hook(k, x)
+            x, skip = hook(k, x, skip)
         return x, self.torgb(x, ws[:, k + 1], skip)
 
 
@@ -305,9 +316,9 @@ class Synthesis(nn.Module):
         """Run blocks ``first..last`` (inclusive): the segment g_{i->j} of the paper.
 
         ``state`` is the (features, skip RGB) pair output by block ``first - 1`` (None when
-        ``first == 0``). ``hook(k, f_k)`` is applied to the features of each block that is a SAM
-        latent space F_k (k = 2 * block), before that block's ToRGB, and returns the features that
-        continue. Returns the (features, skip RGB) of block ``last``.
+        ``first == 0``). ``hook`` (see FeatureHook) is applied at each block that is a SAM latent
+        space F_k (k = 2 * block), before that block's ToRGB. Returns the (features, skip RGB) of
+        block ``last``.
         """
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
@@ -329,11 +340,11 @@ class Synthesis(nn.Module):
         """
         hook = None
         if residuals:
-            def hook(k: int, x: Tensor) -> Tensor:
+            def hook(k: int, x: Tensor, skip: Tensor | None) -> tuple[Tensor, Tensor | None]:
                 if k not in residuals:
-                    return x
+                    return x, skip
                 mask, delta = residuals[k]
-                return x + mask * delta
+                return x + mask * delta, skip
         return self.run(ws, noise_mode=noise_mode, hook=hook)[1]
 
 
