@@ -16,7 +16,7 @@ from saminv.inversion.optimize import Codes
 from saminv.models.model_dir import Model
 from saminv.outputs import SavedCodes
 
-GRID_STRENGTHS = [-3.0, -1.5, 0.0, 1.5, 3.0]  # in standard deviations of W (GANSpace scale)
+GRID_STRENGTHS = [-2.0, -1.0, 0.0, 1.0, 2.0]  # in standard deviations of W (GANSpace scale)
 
 
 def check_codes(codes: Codes, model: Model) -> None:
