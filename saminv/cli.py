@@ -1,4 +1,4 @@
-"""The ``saminv`` command line: convert, generate, invert, edit, directions, calibrate, train.
+"""The ``saminv`` command line: convert, generate, invert, edit, directions, export, bench, calibrate, train.
 
 Every command reports bad input as one line on stderr and exits with code 2 (1 when some images of
 a batch failed); outputs are written atomically and never overwrite silently.
@@ -138,8 +138,13 @@ def invert(paths: list[Path] = typer.Argument(..., help="Images or directories o
            device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda[:N]."),
            seed: int = typer.Option(0, help="Seed of torch's random state."),
            edits: int = typer.Option(0, min=0, max=20, help="Add a grid of the top-N GANSpace edits to the side-by-side."),
+           bundle: Optional[Path] = typer.Option(None, help="Invert feed-forward with an exported bundle (torch-free runtime)."),
            ) -> None:
     """Invert photos with SAM optimization: reconstruction, layer map, side-by-side, codes, metrics."""
+    if bundle is not None:
+        from saminv.runtime import Runtime
+
+        Runtime(bundle).invert(paths[0])
     import torch
     from tqdm import tqdm
 
@@ -338,6 +343,63 @@ def directions_add(name: str = typer.Argument(..., help="Name of the new directi
 
     m = load_model(model)
     _store(m, [from_array(load_array(array), name, m.generator, parse_layers(layers, m.generator.cfg.n_latent), f"user array {array.name}")])
+
+
+@app.command()
+@reports_errors
+def export(model: str = typer.Option("faces64", help=MODEL_HELP),
+           out: Path = typer.Option(..., help="Bundle directory to write (must not exist)."),
+           fp16: bool = typer.Option(False, "--fp16", help="float16 features (styles, demodulation, ToRGB and image stay float32)."),
+           opset: int = typer.Option(18, min=18, help="ONNX opset (the dynamo exporter needs >= 18)."),
+           max_batch: int = typer.Option(32, min=1, help="Largest batch the dynamic batch axis accepts."),
+           ) -> None:
+    """Export the feed-forward path as ONNX, one file per stage, with manifest.json (checked against torch)."""
+    from saminv.export.onnx_bundle import export_bundle
+    from saminv.models.model_dir import load_model
+
+    if out.exists():
+        raise InputError(f"{out} exists; choose another --out")
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise InputError(f"export needs onnx, onnxscript and onnxruntime (pip install 'saminv[export]'): {e}") from None
+    manifest = export_bundle(load_model(model), out, fp16=fp16, opset=opset, max_batch=max_batch, log=typer.echo)
+    worst = max(s["max_abs_diff_vs_torch"] for s in manifest["stages"])
+    extra = f", fp16 image PSNR {manifest['fp16_image_psnr_db']:.1f} dB" if fp16 else ""
+    typer.echo(f"wrote {out}: {len(manifest['stages'])} stages, max abs diff vs torch {worst:.1e}{extra}")
+
+
+@app.command()
+@reports_errors
+def bench(archs: str = typer.Option("faces64,256", help="Comma-separated: model specs and/or 256, 1024 (random config-f)."),
+          backends: str = typer.Option("eager,compiled,onnxruntime", help="Comma-separated: eager, compiled, onnxruntime."),
+          runs: int = typer.Option(50, min=1, help="Timed runs per latency (after --warmup)."),
+          warmup: int = typer.Option(5, min=0),
+          batches: str = typer.Option("1,8,32", help="Batch sizes for throughput."),
+          throughput_runs: int = typer.Option(3, min=1, help="Timed runs per throughput batch."),
+          threads: int = typer.Option(2, min=1, help="Intra-op threads for every backend."),
+          out: Path = typer.Option(Path("bench.json"), help="JSON report (a new name if it exists)."),
+          ) -> None:
+    """Latency (median, p95), throughput and peak memory of the feed-forward path per backend; table + JSON."""
+    from saminv.bench import BACKENDS, BenchConfig, format_table, run_bench
+    from saminv.imageio import save_json
+
+    chosen = [b.strip() for b in backends.split(",") if b.strip()]
+    bad = [b for b in chosen if b not in BACKENDS]
+    if bad or not chosen:
+        raise InputError(f"--backends: choose from {', '.join(BACKENDS)}")
+    try:
+        sizes = tuple(int(b) for b in batches.split(","))
+    except ValueError:
+        raise InputError(f"--batches {batches!r}: expected integers like 1,8,32") from None
+    cfg = BenchConfig(runs=runs, warmup=warmup, batches=sizes, throughput_runs=throughput_runs, threads=threads)
+    report = run_bench([a.strip() for a in archs.split(",") if a.strip()], chosen, cfg, log=typer.echo)
+    typer.echo(format_table(report))
+    target = out if not out.exists() else out.with_name(f"{out.stem}-{int(__import__('time').time())}{out.suffix}")
+    save_json(target, report)
+    typer.echo(f"wrote {target}")
 
 
 @app.command()

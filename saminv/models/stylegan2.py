@@ -186,7 +186,9 @@ class MappingNetwork(nn.Module):
 class ModulatedConv(nn.Module):
     """Modulated convolution, non-fused form (StyleGAN2 Eq. 1-3).
 
-    ``x`` [N, I, H, W] float32, ``w`` [N, w_dim] -> [N, O, H', W'] with H' = 2H if ``up`` else H.
+    ``x`` [N, I, H, W] float32 or float16, ``w`` [N, w_dim] float32 -> [N, O, H', W'] in x's dtype, with
+    H' = 2H if ``up`` else H. Styles and demodulation coefficients are computed in float32 (the sum
+    of squares overflows in float16) and cast to x's dtype.
     Upsampling is a stride-2 transposed conv followed by the [1, 3, 3, 1] blur (upfirdn2d).
     """
 
@@ -204,18 +206,19 @@ class ModulatedConv(nn.Module):
 
     def forward(self, x: Tensor, w: Tensor) -> Tensor:
         n, c = x.shape[:2]
-        style = self.affine(w)  # [N, I]
+        style = self.affine(w)  # [N, I], float32
         weight = self.weight * self.scale
-        x = x * style.view(n, c, 1, 1)
+        dtype = x.dtype  # float16 activations: styles, weights and demodulation are computed in float32
+        x = x * style.to(dtype).view(n, c, 1, 1)
         if self.up:
-            x = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)
-            x = F.conv2d(x, self.blur, padding=1, groups=self.blur.shape[0])
+            x = F.conv_transpose2d(x, weight.transpose(0, 1).to(dtype), stride=2)
+            x = F.conv2d(x, self.blur.to(dtype), padding=1, groups=self.blur.shape[0])
         else:
-            x = F.conv2d(x, weight, padding=self.padding)
+            x = F.conv2d(x, weight.to(dtype), padding=self.padding)
         if self.demodulate:
             wsq = weight.square().sum(dim=(2, 3))  # [O, I]
             dcoefs = torch.rsqrt(style.square() @ wsq.t() + 1e-8)  # [N, O]
-            x = x * dcoefs.view(n, -1, 1, 1)
+            x = x * dcoefs.to(dtype).view(n, -1, 1, 1)
         return x
 
 
@@ -231,11 +234,12 @@ class StyledConv(nn.Module):
 
     def forward(self, x: Tensor, w: Tensor, noise_mode: NoiseMode) -> Tensor:
         x = self.conv(x, w)
+        strength = self.noise_strength.to(x.dtype)
         if noise_mode == "const":
-            x = x + self.noise_strength * self.noise_const
+            x = x + strength * self.noise_const.to(x.dtype)
         elif noise_mode == "random":
-            x = x + self.noise_strength * torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
-        return fused_leaky_relu(x, self.bias)
+            x = x + strength * torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
+        return fused_leaky_relu(x, self.bias.to(x.dtype))
 
 
 class ToRGB(nn.Module):
@@ -260,7 +264,7 @@ class ToRGB(nn.Module):
         return F.conv_transpose2d(skip, self.upsample, stride=2, padding=1, groups=3)
 
     def forward(self, x: Tensor, w: Tensor, skip: Tensor | None) -> Tensor:
-        rgb = self.conv(x, w) + self.bias.view(1, 3, 1, 1)
+        rgb = self.conv(x.float(), w) + self.bias.view(1, 3, 1, 1)  # ToRGB and the image stay float32
         return rgb if skip is None else rgb + skip
 
 
