@@ -19,6 +19,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="GAN inversion and editing by Spatially-Adaptive Multilayer Selection (SAM) on StyleGAN2.")
 train_app = typer.Typer(no_args_is_help=True, help="Train saminv's models.")
 app.add_typer(train_app, name="train")
+engines_app = typer.Typer(no_args_is_help=True, help="TensorRT engines for an exported bundle (NVIDIA GPUs).")
+app.add_typer(engines_app, name="engines")
 directions_app = typer.Typer(no_args_is_help=True, help="Build and list a model's direction library (edits).")
 app.add_typer(directions_app, name="directions")
 
@@ -369,6 +371,20 @@ def export(model: str = typer.Option("faces64", help=MODEL_HELP),
     worst = max(s["max_abs_diff_vs_torch"] for s in manifest["stages"])
     extra = f", fp16 image PSNR {manifest['fp16_image_psnr_db']:.1f} dB" if fp16 else ""
     typer.echo(f"wrote {out}: {len(manifest['stages'])} stages, max abs diff vs torch {worst:.1e}{extra}")
+
+
+@engines_app.command("build")
+@reports_errors
+def engines_build(bundle: Path = typer.Argument(..., help="A bundle written by saminv export."),
+                  max_batch: Optional[int] = typer.Option(None, help="Largest batch (default: the bundle's)."),
+                  opt_batch: int = typer.Option(1, min=1, help="Batch the engines are tuned for."),
+                  workspace_gb: float = typer.Option(4.0, help="Builder workspace limit in GiB."),
+                  ) -> None:
+    """Build version-compatible TensorRT plans for this GPU (keyed by TensorRT version and compute capability)."""
+    from saminv.engines.tensorrt_engines import build_engines
+
+    folder = build_engines(bundle, max_batch, opt_batch, workspace_gb, log=typer.echo)
+    typer.echo(f"wrote {folder}")
 
 
 @app.command()

@@ -12,6 +12,7 @@ crash or a failed write never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -330,6 +331,15 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def load_array(path: str | Path) -> np.ndarray:

@@ -18,7 +18,6 @@ image (PSNR). The bundle directory appears whole (temp dir + rename).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import warnings
@@ -31,7 +30,7 @@ from torch import nn
 
 from saminv.editing.directions import load_library
 from saminv.export.stages import MappingStage, StagePlan, SynthesisStage, output_names, plan_stages, stage_inputs
-from saminv.imageio import atomic_write
+from saminv.imageio import atomic_write, file_sha256
 from saminv.models.model_dir import Model
 from saminv.outputs import write_dir
 
@@ -40,14 +39,6 @@ FORMAT_VERSION = 1
 DEFAULT_OPSET = 18
 FP32_TOLERANCE = 1e-4
 FP16_MIN_PSNR = 40.0
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _export(module: nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str], path: Path, opset: int,
@@ -193,7 +184,7 @@ def export_bundle(model: Model, out: Path, fp16: bool = False, opset: int = DEFA
             atomic_write(tmp / "directions.npz", lambda f: np.savez(f, **arrays))
             manifest["directions"] = [{"name": k, "key": f"d{i}", "layers": list(library[k].layers),
                                        "source": library[k].source} for i, k in enumerate(keys)]
-        manifest["files"] = {p.name: sha256(p) for p in sorted(tmp.iterdir())}
+        manifest["files"] = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
         text = json.dumps(manifest, indent=2) + "\n"
         atomic_write(tmp / "manifest.json", lambda f: f.write_text(text))
 

@@ -11,7 +11,6 @@ rosinality ``.pt`` (converted once into a cache directory, see :mod:`saminv.mode
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saminv.errors import InputError
+from saminv.imageio import file_sha256
 from saminv.models.stylegan2 import Generator, GeneratorConfig
 
 FORMAT = "saminv-model"
@@ -141,14 +141,6 @@ def builtin_names() -> list[str]:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SAMINV_CACHE", Path.home() / ".cache" / "saminv"))
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_model(spec: str | Path, device: str | torch.device = "cpu") -> Model:

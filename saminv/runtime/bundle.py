@@ -8,12 +8,12 @@ failure is a :class:`BundleError` with one line naming the file and the problem.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from saminv.errors import InputError
+from saminv.imageio import file_sha256
 
 FORMAT = "saminv-bundle"
 SUPPORTED_VERSIONS = (1,)
@@ -21,14 +21,6 @@ SUPPORTED_VERSIONS = (1,)
 
 class BundleError(InputError):
     """A missing, corrupt or mismatched bundle file (the message is one line)."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -73,7 +65,7 @@ def open_bundle(path: str | Path) -> Bundle:
         file = path / name
         if not file.is_file():
             raise BundleError(f"{file}: missing (listed in manifest.json)")
-        if _sha256(file) != digest:
+        if file_sha256(file) != digest:
             raise BundleError(f"{file}: sha256 does not match manifest.json (corrupt or replaced file)")
     for stage in manifest["stages"]:
         if stage.get("file") not in manifest["files"]:

@@ -1,0 +1,191 @@
+"""Export to ONNX bundles and the torch-free runtime, on codes of a real photo (faces64)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import saminv
+from saminv.cli import app
+from saminv.export.onnx_bundle import export_bundle
+from saminv.imageio import resize_square
+from saminv.inversion.optimize import Codes, InversionConfig
+from saminv.inversion.sam import invert_spaces, space_masks, to_target
+from saminv.metrics import psnr
+from saminv.models.lpips import LPIPS
+from saminv.models.model_dir import load_model
+from saminv.outputs import save_codes
+from saminv.photos import face_photo
+from saminv.runtime import BundleError, Runtime, load_codes, open_bundle
+
+runner = CliRunner()
+NAMES = ["W+", "F2", "F4", "F6", "F8"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("faces64")
+
+
+@pytest.fixture(scope="module")
+def bundle(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("b") / "fp32"
+    export_bundle(model, out, log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle16(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("b16") / "fp16"
+    export_bundle(model, out, fp16=True, log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def codes_file(model, tmp_path_factory):
+    """Codes of the astronaut face: a short W+ inversion, delta_f in bands of F2..F8 (a real photo's w+)."""
+    target = to_target(resize_square(face_photo("astronaut"), 64))
+    codes = invert_spaces(model, LPIPS(), target, ["W+"], InversionConfig(steps=20)).codes
+    labels = np.repeat(np.arange(5).repeat(13)[:64][None], 64, axis=0)  # vertical bands W+, F2, ..., F8
+    masks = space_masks(model, labels, NAMES)
+    g = torch.Generator().manual_seed(0)
+    codes = Codes(codes.wplus, {k: 0.2 * torch.randn(1, *model.generator.space(f"F{k}").shape, generator=g)
+                                for k in masks}, masks)
+    path = tmp_path_factory.mktemp("codes") / "codes.safetensors"
+    save_codes(path, codes, labels, NAMES, model, model.tau)
+    return path, codes
+
+
+def test_every_stage_matches_torch(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["stages"]] == ["mapping", "F2", "F4", "F6", "F8"]
+    assert all(s["max_abs_diff_vs_torch"] <= 1e-4 for s in manifest["stages"])
+    assert manifest["opset"] == 18 and manifest["precision"] == "fp32"
+    assert set(manifest["files"]) == {"mapping.onnx", "F2.onnx", "F4.onnx", "F6.onnx", "F8.onnx", "directions.npz"}
+    assert manifest["stages"][2]["inputs"]["delta"] == ["N", 128, 16, 16]
+
+
+def test_runtime_renders_the_sam_image_of_real_codes(bundle, codes_file, model):
+    path, codes = codes_file
+    rt = Runtime(bundle)
+    rc = load_codes(path)
+    masks = {n: (rc.labels == i).astype(np.float32)[:, None] for i, n in enumerate(rc.names) if n in rc.deltas}
+    image = rt.synthesize(rc.wplus, rc.deltas, masks)
+    with torch.no_grad():
+        ref = codes.render(model).numpy()
+    assert np.abs(image - ref).max() <= 1e-4
+    # dynamic batch: three copies at once give the same image
+    three = rt.synthesize(np.repeat(rc.wplus, 3, 0), {k: np.repeat(v, 3, 0) for k, v in rc.deltas.items()},
+                          {k: np.repeat(v, 3, 0) for k, v in masks.items()})
+    assert np.abs(three - image).max() <= 1e-5
+
+
+def test_runtime_edit_matches_the_torch_rule(bundle, codes_file):
+    path, _ = codes_file
+    rt = Runtime(bundle)
+    for strength, layers in ((0.0, None), (2.0, None), (2.0, (0, 3))):
+        got = rt.edit(path, "ganspace:2", strength, layers)
+        want = saminv.edit(path, "ganspace:2", strength, layers=layers)
+        assert np.abs(got.astype(int) - want).max() <= 1
+    assert np.array_equal(rt.edit(path, "ganspace:2", 0.0), rt.render(path)[0])
+    with pytest.raises(BundleError, match="unknown direction"):
+        rt.edit(path, "smile", 1.0)
+    with pytest.raises(BundleError, match="out of range"):
+        rt.edit(path, "ganspace:2", 1.0, (4, 12))
+
+
+def test_fp16_bundle_image_psnr(bundle16, codes_file, model):
+    manifest = json.loads((bundle16 / "manifest.json").read_text())
+    assert manifest["precision"] == "fp16" and manifest["fp16_image_psnr_db"] >= 40
+    path, codes = codes_file
+    rt = Runtime(bundle16)
+    rc = load_codes(path)
+    masks = {n: (rc.labels == i).astype(np.float32)[:, None] for i, n in enumerate(rc.names) if n in rc.deltas}
+    image = torch.from_numpy(rt.synthesize(rc.wplus, rc.deltas, masks))
+    with torch.no_grad():
+        assert psnr(image, codes.render(model)).item() >= 40
+
+
+def test_runtime_never_imports_torch(bundle, codes_file):
+    script = f"""
+import sys
+from saminv.runtime import Runtime
+rt = Runtime({str(bundle)!r})
+assert rt.generate(2).shape == (2, 64, 64, 3)
+assert rt.render({str(codes_file[0])!r}).shape == (1, 64, 64, 3)
+assert rt.edit({str(codes_file[0])!r}, "ganspace:0", [0.0, 1.0]).shape == (2, 64, 64, 3)
+bad = [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
+assert not bad, bad
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no_manifest", "no manifest.json"),
+    ("bad_json", "unreadable manifest"),
+    ("other_format", "not a saminv bundle"),
+    ("future_version", "format version"),
+    ("missing_file", "missing"),
+    ("flipped_byte", "sha256 does not match"),
+    ("wrong_shape", "do not match manifest.json"),
+])
+def test_broken_bundles_get_one_clear_line(bundle, tmp_path, damage, message):
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    manifest_path = broken / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    if damage == "no_manifest":
+        manifest_path.unlink()
+    elif damage == "bad_json":
+        manifest_path.write_text("{not json")
+    elif damage == "other_format":
+        manifest_path.write_text(json.dumps({**manifest, "format": "something"}))
+    elif damage == "future_version":
+        manifest_path.write_text(json.dumps({**manifest, "version": 99}))
+    elif damage == "missing_file":
+        (broken / "F4.onnx").unlink()
+    elif damage == "flipped_byte":
+        data = bytearray((broken / "F6.onnx").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (broken / "F6.onnx").write_bytes(bytes(data))
+    elif damage == "wrong_shape":
+        manifest["stages"][2]["inputs"]["delta"] = ["N", 64, 16, 16]
+        manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=message) as info:
+        Runtime(broken)
+    assert "\n" not in str(info.value)
+    res = runner.invoke(app, ["invert", "--bundle", str(broken), str(tmp_path / "x.png")])
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
+
+
+def test_cli_export_refuses_existing_output_and_bundle_without_encoders_says_so(bundle, tmp_path):
+    res = runner.invoke(app, ["export", "--out", str(bundle)])
+    assert res.exit_code == 2 and "exists" in res.output
+    photo = tmp_path / "a.png"
+    Image.fromarray(face_photo("astronaut")).save(photo)
+    res = runner.invoke(app, ["invert", "--bundle", str(bundle), str(photo)])
+    assert res.exit_code == 2 and "no invertibility predictor" in res.output
+    assert open_bundle(bundle).manifest["model"] == "faces64"
+
+
+def test_bench_reports_every_backend(tmp_path):
+    from saminv.bench import BenchConfig, format_table, run_bench
+
+    report = run_bench(["faces64"], ["eager", "onnxruntime"], BenchConfig(runs=3, warmup=1, batches=(1, 2), throughput_runs=1),
+                       log=lambda s: None)
+    entry = report["archs"]["faces64"]
+    assert entry["gflop_per_image"] > 0.5 and report["machine"]["fp32_gemm_gflops"] > 1
+    for backend in ("eager", "onnxruntime"):
+        r = entry["backends"][backend]
+        assert "error" not in r, r
+        assert r["end_to_end"]["median_ms"] > 0 and set(r["stages"]) == {"mapping", "F2", "F4", "F6", "F8"}
+        assert set(r["throughput_img_s"]) == {"1", "2"} and r["peak_rss_mb"] > 10
+    assert "faces64 | onnxruntime" in format_table(report)
