@@ -487,6 +487,36 @@ def train_generator(out: Path = typer.Option(Path("runs/faces64"), help="Run dir
         typer.echo(f"wrote {export}")
 
 
+@train_app.command("invertibility-data")
+@reports_errors
+def train_invertibility_data(out: Path = typer.Option(..., help="Data set directory (resumes: existing shards are kept)."),
+                             model: str = typer.Option("faces64", help=MODEL_HELP),
+                             images: Optional[list[Path]] = typer.Option(None, help="Your photos or directories, added to the real-photo pool."),
+                             count: int = typer.Option(1024, min=1, help="Images in the data set."),
+                             shard_size: int = typer.Option(8, min=1, help="Images per shard (one inversion batch)."),
+                             steps: int = typer.Option(100, min=1, help="Optimization steps per single-space inversion."),
+                             seed: int = typer.Option(0),
+                             rank: Optional[int] = typer.Option(None, help="This process's shard set (default: torchrun's RANK, else 0)."),
+                             world: Optional[int] = typer.Option(None, help="Number of processes (default: torchrun's WORLD_SIZE, else 1)."),
+                             ) -> None:
+    """Invert training images in every latent space and store LPIPS error maps (predictor data), in shards."""
+    from saminv.imageio import collect_images, load_image
+    from saminv.models.model_dir import load_model
+    from saminv.training.invertibility_data import DataConfig, generate_dataset, process_rank
+
+    m = load_model(model)
+    env_rank, env_world = process_rank()
+    rank, world = env_rank if rank is None else rank, env_world if world is None else world
+    if not 0 <= rank < world:
+        raise InputError(f"--rank {rank} must lie in [0, --world {world})")
+    extra = [load_image(p, 4 * m.generator.cfg.resolution) for p in collect_images(images)] if images else None
+    try:
+        written = generate_dataset(m, out, DataConfig(count, shard_size, steps, seed), rank, world, extra)
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(str(e)) from None
+    typer.echo(f"wrote {len(written)} shards to {out}")
+
+
 @train_app.command("report")
 @reports_errors
 def train_report(model: str = typer.Option("faces64", help=MODEL_HELP),

@@ -1,0 +1,208 @@
+"""Training data for the invertibility predictor (SAM paper Sec. 3.2): images whose invertibility varies
+across each image, inverted in every latent space, with the LPIPS spatial error maps e_l (Eq. 1).
+
+No large photo collection exists offline, so images come from four sources, picked by item index:
+
+* ``teacher``    samples of the DCGAN face teacher (the data faces64 was distilled from);
+* ``generated``  samples of the model itself (well invertible in W+);
+* ``photo``      random crops of real photos shipped by scikit-image, scikit-learn and Debian opencv-doc,
+                 with flips and colour jitter;
+* ``composite``  a teacher face (soft elliptical mask, random scale and place) pasted on a real-photo crop.
+
+Real photos listed in :data:`HELD_OUT` never enter training (they are the predictor's test set, with
+LFW faces 100-199). Every item is a pure function of (its index, the seed), so shards can be generated
+in any order, by any number of processes, and resumed.
+
+Shards ``shard_<k>.npz`` hold ``images`` uint8 [B, R, R, 3], ``reconstructions`` uint8 [B, S, R, R, 3],
+``errors`` float16 [B, S, R, R] (LPIPS spatial maps), ``wplus`` float16 [B, n_latent, w_dim] (the W+
+inversion), ``sources`` [B] str, and ``spaces`` [S] str; ``info.json`` records the settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+from tqdm import tqdm
+
+from saminv.imageio import atomic_write, from_tensor_range, resize_square, save_json
+from saminv.inversion.optimize import InversionConfig
+from saminv.inversion.sam import invert_spaces
+from saminv.models.lpips import LPIPS
+from saminv.models.model_dir import Model
+from saminv.photos import OPENCV_DATA
+
+SOURCES = ("teacher", "generated", "photo", "composite")
+SKIMAGE_TRAIN = ("brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass", "gravel",
+                 "horse", "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "retina", "rocket", "text")
+HELD_OUT = {"skimage": ("astronaut",), "opencv": ("messi5.jpg", "butterfly.jpg", "squirrel_cls.jpg", "HappyFish.jpg",
+                                                  "smarties.png", "lena.jpg"), "lfw": tuple(range(100, 200))}
+
+
+@dataclass
+class DataConfig:
+    """Settings of an invertibility data set (recorded in info.json)."""
+
+    count: int = 1024
+    shard_size: int = 8
+    steps: int = 100
+    seed: int = 0
+
+
+def training_photos(extra: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """The real photos training may crop from (H x W x 3 uint8), none of :data:`HELD_OUT`; ``extra``
+    (the user's ``--images``) are added."""
+    import skimage.data
+
+    photos = []
+    for name in SKIMAGE_TRAIN:
+        try:
+            img = np.asarray(getattr(skimage.data, name)())
+        except Exception:  # some skimage images need a download; use what ships
+            continue
+        img = img.astype(np.uint8) * 255 if img.dtype == bool else img.astype(np.uint8)
+        photos.append(np.repeat(img[:, :, None], 3, axis=2) if img.ndim == 2 else img[:, :, :3])
+    from sklearn.datasets import load_sample_images
+
+    photos += list(load_sample_images().images)
+    if OPENCV_DATA.is_dir():
+        for path in sorted(OPENCV_DATA.glob("*.jpg")) + sorted(OPENCV_DATA.glob("*.png")):
+            if path.name in HELD_OUT["opencv"]:
+                continue
+            img = Image.open(path)
+            if min(img.size) >= 128:
+                photos.append(np.asarray(img.convert("RGB")))
+    from skimage.data import lfw_subset
+
+    faces = (lfw_subset()[:100] * 255).round().astype(np.uint8)
+    photos += [np.repeat(f[:, :, None], 3, axis=2) for f in faces]
+    return photos + list(extra or [])
+
+
+def _crop(rng: np.random.Generator, photo: np.ndarray, resolution: int) -> Image.Image:
+    h, w = photo.shape[:2]
+    side = int(min(h, w) * rng.uniform(0.3, 1.0))
+    y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+    img = Image.fromarray(photo[y:y + side, x:x + side]).resize((resolution, resolution), Image.Resampling.LANCZOS)
+    if rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img
+
+
+def _jitter(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    x = img.astype(np.float32)
+    x = (x - x.mean()) * rng.uniform(0.8, 1.2) + x.mean() * rng.uniform(0.8, 1.2)  # contrast, brightness
+    grey = x.mean(axis=2, keepdims=True)
+    x = grey + (x - grey) * rng.uniform(0.7, 1.3)  # saturation
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+class ImageSource:
+    """Deterministic training images: ``image(i)`` -> (R x R x 3 uint8, source name)."""
+
+    def __init__(self, model: Model, seed: int = 0, extra_photos: list[np.ndarray] | None = None) -> None:
+        from saminv.training.teacher import load_teacher
+
+        self.model, self.seed = model, seed
+        self.resolution = model.generator.cfg.resolution
+        self.teacher = load_teacher()
+        self.photos = training_photos(extra_photos)
+
+    def _rng(self, i: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, i])
+
+    @torch.no_grad()
+    def _teacher_face(self, rng: np.random.Generator) -> np.ndarray:
+        z = torch.from_numpy(rng.standard_normal((1, 100)).astype(np.float32)).view(1, 100, 1, 1)
+        img = from_tensor_range(self.teacher(z)[0].numpy())
+        return resize_square(img, self.resolution)
+
+    @torch.no_grad()
+    def _generated(self, rng: np.random.Generator) -> np.ndarray:
+        G = self.model.generator
+        z = torch.from_numpy(rng.standard_normal((1, G.cfg.z_dim)).astype(np.float32))
+        return from_tensor_range(G(z, truncation=float(rng.uniform(0.5, 1.0)))[0].numpy())
+
+    def image(self, i: int) -> tuple[np.ndarray, str]:
+        rng = self._rng(i)
+        source = SOURCES[i % len(SOURCES)]
+        r = self.resolution
+        if source == "teacher":
+            img = self._teacher_face(rng)
+        elif source == "generated":
+            img = self._generated(rng)
+        elif source == "photo":
+            img = np.asarray(_crop(rng, self.photos[rng.integers(len(self.photos))], r))
+        else:
+            background = _crop(rng, self.photos[rng.integers(len(self.photos))], r)
+            size = int(r * rng.uniform(0.45, 0.85))
+            face = Image.fromarray(self._teacher_face(rng)).resize((size, size), Image.Resampling.LANCZOS)
+            mask = Image.new("L", (size, size), 0)
+            ImageDraw.Draw(mask).ellipse((size * 0.12, size * 0.05, size * 0.88, size * 0.98), fill=255)
+            mask = mask.filter(ImageFilter.GaussianBlur(size / 24))
+            background.paste(face, (int(rng.integers(0, r - size + 1)), int(rng.integers(0, r - size + 1))), mask)
+            img = np.asarray(background)
+        return _jitter(rng, img) if source in ("photo", "composite") else img, source
+
+
+def shard_indices(cfg: DataConfig, rank: int, world: int) -> list[int]:
+    """The shard numbers this process (``rank`` of ``world``) generates: every world-th one."""
+    n_shards = -(-cfg.count // cfg.shard_size)
+    return [k for k in range(n_shards) if k % world == rank]
+
+
+def generate_shard(source: ImageSource, lpips: LPIPS, k: int, cfg: DataConfig, names: list[str]) -> dict:
+    """Invert the images of shard ``k`` in every space (one batch) and return the arrays of the shard."""
+    model = source.model
+    start, stop = k * cfg.shard_size, min((k + 1) * cfg.shard_size, cfg.count)
+    items = [source.image(i) for i in range(start, stop)]
+    images = np.stack([img for img, _ in items])
+    target = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    torch.manual_seed(cfg.seed * 100_003 + k)
+    inv = invert_spaces(model, lpips, target, names, InversionConfig(steps=cfg.steps))
+    recon = np.stack([[from_tensor_range(inv.images[s, b].numpy()) for s in range(len(names))]
+                      for b in range(len(items))])
+    w_index = names.index("W+")
+    wplus = inv.codes.wplus.view(len(names), len(items), *inv.codes.wplus.shape[1:])[w_index]
+    return {"images": images, "reconstructions": recon,
+            "errors": inv.error_maps.permute(1, 0, 2, 3).numpy().astype(np.float16),
+            "wplus": wplus.numpy().astype(np.float16), "sources": np.array([s for _, s in items]),
+            "spaces": np.array(names)}
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment, else (0, 1)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def generate_dataset(model: Model, out: Path, cfg: DataConfig, rank: int = 0, world: int = 1,
+                     extra_photos: list[np.ndarray] | None = None, progress: bool = True) -> list[Path]:
+    """Write this process's missing shards into ``out`` (resumable). Returns the shards it wrote.
+
+    Raises ValueError when ``out`` holds a data set made with other settings."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = [s.name for s in model.generator.spaces]
+    info = {"model": model.name, "spaces": names, "extra_photos": len(extra_photos or []), **asdict(cfg)}
+    info_path = out / "info.json"
+    if info_path.is_file():
+        existing = json.loads(info_path.read_text())
+        if existing != info:
+            raise ValueError(f"{out} holds a data set with other settings ({existing}); use another --out")
+    elif rank == 0:
+        save_json(info_path, info)
+    todo = [k for k in shard_indices(cfg, rank, world) if not (out / f"shard_{k:05d}.npz").is_file()]
+    if not todo:
+        return []
+    source, lpips = ImageSource(model, cfg.seed, extra_photos), LPIPS()
+    written = []
+    for k in tqdm(todo, desc=f"invertibility shards (rank {rank}/{world})", unit="shard", disable=not progress):
+        arrays = generate_shard(source, lpips, k, cfg, names)
+        path = out / f"shard_{k:05d}.npz"
+        atomic_write(path, lambda p: np.savez(p, **arrays))
+        written.append(path)
+    return written

@@ -1,0 +1,69 @@
+"""The predictor's training data: image sources, held-out photos, shards, resume and rank sharding."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from saminv.cli import app
+from saminv.models.model_dir import load_model
+from saminv.photos import face_photo
+from saminv.training.invertibility_data import (SOURCES, DataConfig, ImageSource, generate_dataset, shard_indices,
+                                                training_photos)
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("faces64")
+
+
+@pytest.fixture(scope="module")
+def source(model):
+    return ImageSource(model, seed=0)
+
+
+def test_items_are_deterministic_and_cover_every_source(source):
+    items = [source.image(i) for i in range(8)]
+    assert [s for _, s in items] == list(SOURCES) * 2
+    for img, _ in items:
+        assert img.shape == (64, 64, 3) and img.dtype == np.uint8 and img.std() > 5
+    again, _ = source.image(2)
+    assert np.array_equal(again, items[2][0])
+    assert not np.array_equal(items[2][0], items[6][0])
+
+
+def test_held_out_photos_never_enter_the_training_pool():
+    pool = training_photos()
+    assert len(pool) > 100
+    from skimage.data import astronaut, lfw_subset
+
+    lfw = np.repeat((lfw_subset()[150] * 255).round().astype(np.uint8)[:, :, None], 3, axis=2)
+    trained_lfw = np.repeat((lfw_subset()[7] * 255).round().astype(np.uint8)[:, :, None], 3, axis=2)
+    for photo in (astronaut(), face_photo("astronaut"), lfw):
+        assert not any(p.shape == photo.shape and np.array_equal(p, photo) for p in pool)
+    assert any(p.shape == trained_lfw.shape and np.array_equal(p, trained_lfw) for p in pool)
+
+
+def test_shards_resume_and_split_across_ranks(model, tmp_path):
+    cfg = DataConfig(count=6, shard_size=2, steps=2)
+    assert shard_indices(cfg, 0, 2) == [0, 2] and shard_indices(cfg, 1, 2) == [1]
+    written = generate_dataset(model, tmp_path, cfg, rank=1, world=2, progress=False)
+    assert [p.name for p in written] == ["shard_00001.npz"]
+    written = generate_dataset(model, tmp_path, cfg, progress=False)  # one process: the rest
+    assert sorted(p.name for p in written) == ["shard_00000.npz", "shard_00002.npz"]
+    assert generate_dataset(model, tmp_path, cfg, progress=False) == []
+    shard = np.load(tmp_path / "shard_00001.npz")
+    assert shard["images"].shape == (2, 64, 64, 3) and shard["reconstructions"].shape == (2, 5, 64, 64, 3)
+    assert shard["errors"].shape == (2, 5, 64, 64) and (shard["errors"] >= 0).all()
+    assert list(shard["spaces"]) == ["W+", "F2", "F4", "F6", "F8"] and list(shard["sources"]) == ["photo", "composite"]
+    assert json.loads((tmp_path / "info.json").read_text())["count"] == 6
+    with pytest.raises(ValueError, match="other settings"):
+        generate_dataset(model, tmp_path, DataConfig(count=6, shard_size=2, steps=3), progress=False)
+
+
+def test_cli_rank_out_of_range(tmp_path):
+    res = runner.invoke(app, ["train", "invertibility-data", "--out", str(tmp_path), "--rank", "2", "--world", "2"])
+    assert res.exit_code == 2 and "--rank" in res.output
