@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saminv.training import frechet
-from saminv.training.frechet import (EfficientNetLite0, frechet_distance, load_backbone, normalise,
-                                     pooled_features)
+from saminv.models import efficientnet
+from saminv.models.efficientnet import EfficientNetLite0, load_backbone, normalise, pooled_features
+from saminv.training.frechet import frechet_distance
 
 skdata = pytest.importorskip("skimage.data")
 
@@ -76,7 +76,7 @@ def test_backbone_is_frozen_eval(backbone):
 
 
 def test_load_backbone_missing_package(monkeypatch):
-    monkeypatch.setattr(frechet.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(efficientnet.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install"):
         load_backbone()
 

@@ -60,6 +60,8 @@ def test_shards_resume_and_split_across_ranks(model, tmp_path):
     assert shard["errors"].shape == (2, 5, 64, 64) and (shard["errors"] >= 0).all()
     assert list(shard["spaces"]) == ["W+", "F2", "F4", "F6", "F8"] and list(shard["sources"]) == ["photo", "composite"]
     assert json.loads((tmp_path / "info.json").read_text())["count"] == 6
+    grown = generate_dataset(model, tmp_path, DataConfig(count=8, shard_size=2, steps=2), progress=False)
+    assert [p.name for p in grown] == ["shard_00003.npz"]  # a data set grows; earlier shards are kept
     with pytest.raises(ValueError, match="other settings"):
         generate_dataset(model, tmp_path, DataConfig(count=6, shard_size=2, steps=3), progress=False)
 

@@ -189,11 +189,11 @@ def generate_dataset(model: Model, out: Path, cfg: DataConfig, rank: int = 0, wo
     names = [s.name for s in model.generator.spaces]
     info = {"model": model.name, "spaces": names, "extra_photos": len(extra_photos or []), **asdict(cfg)}
     info_path = out / "info.json"
-    if info_path.is_file():
+    if info_path.is_file():  # a data set may grow (--count), but items must be made the same way
         existing = json.loads(info_path.read_text())
-        if existing != info:
+        if {k: v for k, v in existing.items() if k != "count"} != {k: v for k, v in info.items() if k != "count"}:
             raise ValueError(f"{out} holds a data set with other settings ({existing}); use another --out")
-    elif rank == 0:
+    if rank == 0 and (not info_path.is_file() or json.loads(info_path.read_text())["count"] < cfg.count):
         save_json(info_path, info)
     todo = [k for k in shard_indices(cfg, rank, world) if not (out / f"shard_{k:05d}.npz").is_file()]
     if not todo:

@@ -15,7 +15,8 @@ import torch
 
 from saminv.imageio import from_tensor_range
 from saminv.models.model_dir import Model
-from saminv.training.frechet import frechet_distance, load_backbone, pooled_features
+from saminv.models.efficientnet import load_backbone, pooled_features
+from saminv.training.frechet import frechet_distance
 from saminv.training.teacher import Z_DIM, load_teacher
 from saminv.viz import image_grid, side_by_side
 

@@ -1,0 +1,55 @@
+"""The invertibility predictor S_l: shapes, and that training on real inversion data fits it."""
+
+import numpy as np
+import pytest
+import torch
+
+from saminv.models.efficientnet import EfficientNetLite0, PYRAMID_CHANNELS
+from saminv.models.model_dir import load_model
+from saminv.models.predictor import InvertibilityPredictor
+from saminv.training.invertibility_data import DataConfig, generate_dataset
+from saminv.training.predictor import PredictorConfig, PredictorTrainer, load_shards
+
+
+def test_backbone_pyramid_shapes():
+    levels = EfficientNetLite0().eval().pyramid(torch.zeros(1, 3, 128, 128))
+    assert [tuple(x.shape[1:]) for x in levels] == [(c, 128 // s, 128 // s) for c, s in zip(PYRAMID_CHANNELS, (4, 8, 16, 32))]
+
+
+def test_predictor_maps_are_non_negative_per_space():
+    net = InvertibilityPredictor(["W+", "F4", "F8"]).eval()
+    with torch.no_grad():
+        maps = net(torch.rand(2, 3, 64, 64) * 2 - 1)
+    assert maps.shape == (2, 3, 64, 64) and (maps >= 0).all()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("invdata")
+    generate_dataset(load_model("faces64"), out, DataConfig(count=8, shard_size=4, steps=10), progress=False)
+    return out
+
+
+def test_training_fits_measured_error_maps(data, tmp_path):
+    images, errors, spaces = load_shards(data)
+    assert images.shape == (8, 64, 64, 3) and errors.shape == (8, 5, 64, 64) and spaces[0] == "W+"
+    run = PredictorTrainer(data, tmp_path, PredictorConfig(steps=40, batch=4, checkpoint_every=20))
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    y = torch.from_numpy(errors)
+
+    def mse():
+        run.net.eval()
+        with torch.no_grad():
+            return (run.net(x) - y).square().mean().item()
+
+    before = mse()
+    run.train(progress=False)
+    assert mse() < 0.5 * before
+    assert run.step == 40 and (tmp_path / "checkpoint.pt").is_file()
+    resumed = PredictorTrainer(data, tmp_path, PredictorConfig(steps=40, batch=4))
+    assert resumed.step == 40
+
+
+def test_missing_data_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no shard"):
+        load_shards(tmp_path)
