@@ -1,6 +1,5 @@
 """The invertibility predictor S_l: shapes, and that training on real inversion data fits it."""
 
-import numpy as np
 import pytest
 import torch
 
