@@ -517,6 +517,26 @@ def train_invertibility_data(out: Path = typer.Option(..., help="Data set direct
     typer.echo(f"wrote {len(written)} shards to {out}")
 
 
+@train_app.command("predictor")
+@reports_errors
+def train_predictor(data: Path = typer.Option(..., help="A data set from saminv train invertibility-data."),
+                    out: Path = typer.Option(Path("runs/predictor"), help="Run directory (resumes from its checkpoint.pt)."),
+                    steps: int = typer.Option(3000, min=1, help="Total steps to reach (a resumed run continues)."),
+                    batch: int = typer.Option(16, min=1),
+                    lr: float = typer.Option(1e-3, help="Learning rate of decoder and heads (backbone: 0.1x)."),
+                    device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+                    ) -> None:
+    """Train the invertibility predictor S_l: l2 regression of the per-space LPIPS error maps (paper Eq. 2)."""
+    from saminv.training.predictor import PredictorConfig, PredictorTrainer
+
+    try:
+        run = PredictorTrainer(data, out, PredictorConfig(steps=steps, batch=batch, lr=lr), pick_device(device))
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
+    run.train()
+    typer.echo(f"predictor at step {run.step} -> {out / 'checkpoint.pt'}")
+
+
 @train_app.command("report")
 @reports_errors
 def train_report(model: str = typer.Option("faces64", help=MODEL_HELP),
