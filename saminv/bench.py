@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from saminv.runtime.runtime import run_synthesis
+
 BACKENDS = ("eager", "compiled", "onnxruntime")
 
 
@@ -117,98 +119,64 @@ def _worker(arch: str, backend: str, bundle: str, cfg: BenchConfig, queue) -> No
         queue.put({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
 
 
-def _measure(arch: str, backend: str, bundle: str, cfg: BenchConfig) -> dict:
-    manifest = json.loads((Path(bundle) / "manifest.json").read_text())
-    stages = [s for s in manifest["stages"] if s["name"] != "mapping"]
+def _backend(arch: str, backend: str, bundle: str, cfg: BenchConfig):
+    """(mapping(z) -> w numpy, run_stage(name, feeds, outputs)) of a backend, on the bundle's stages."""
     if backend == "onnxruntime":
         from saminv.runtime import Runtime
 
         rt = Runtime(bundle, threads=cfg.threads)
+        return rt.mapping, rt.run_stage
+    import torch
 
-        def make(n):
-            z, masks, deltas = _inputs(manifest, stages, n)
-            ws = np.repeat(rt.mapping(z)[:, None], manifest["n_latent"], axis=1)
-            end_to_end = lambda: rt.synthesize(np.repeat(rt.mapping(z)[:, None], manifest["n_latent"], axis=1),
-                                               deltas, masks)
-            return end_to_end, ws, masks, deltas
+    from saminv.export.stages import MappingStage, SynthesisStage, plan_stages
 
-        def stage_fns(ws, masks, deltas):
-            """Each session on the inputs it sees in the chain (plain session.run, no binding)."""
-            n = ws.shape[0]
-            fns = {"mapping": lambda z=np.zeros((n, manifest["z_dim"]), np.float32): rt.sessions["mapping"].run(None, {"z": z})}
-            previous = None
-            for s in stages:
-                a, b = s["w_rows"]
-                feeds = {} if previous is None else {"f_in": previous[0], "rgb_in": previous[1]}
-                feeds["w_slice"] = np.ascontiguousarray(ws[:, a:b])
-                if s["space"]:
-                    c, r = s["inputs"]["delta"][1], s["inputs"]["delta"][2]
-                    feeds.update(mask=masks[s["space"]], delta=deltas[s["space"]], keep=np.zeros((n, 1, 1, 1), np.float32),
-                                 f_keep=np.zeros((n, c, r, r), np.float32), rgb_keep=np.zeros((n, 3, r, r), np.float32))
-                    out = rt.sessions[s["name"]].run(None, feeds)
-                    previous = (out[0], out[2])
-                fns[s["name"]] = lambda name=s["name"], feeds=feeds: rt.sessions[name].run(None, feeds)
-            return fns
-    else:
-        import torch
+    torch.set_num_threads(cfg.threads)
+    torch.set_grad_enabled(False)
+    G = build_model(arch).generator
+    mods = {"mapping": MappingStage(G), **{p.name: SynthesisStage(G, p) for p in plan_stages(G)}}
+    if backend == "compiled":
+        # All stages share SynthesisStage.forward: one compiled graph per (stage, batch size).
+        torch._dynamo.config.recompile_limit = 64
+        mods = {k: torch.compile(v, dynamic=False) for k, v in mods.items()}
 
-        from saminv.export.stages import MappingStage, SynthesisStage, plan_stages
+    def run_stage(name: str, feeds: dict, outputs: list[str]):
+        return mods[name](*(torch.as_tensor(v) for v in feeds.values()))
 
-        torch.set_num_threads(cfg.threads)
-        torch.set_grad_enabled(False)
-        model = build_model(arch)
-        G = model.generator
-        mods = {"mapping": MappingStage(G)}
-        mods.update({p.name: SynthesisStage(G, p) for p in plan_stages(G)})
-        if backend == "compiled":
-            # All stages share SynthesisStage.forward: one compiled graph per (stage, batch size).
-            torch._dynamo.config.recompile_limit = 64
-            mods = {k: torch.compile(v, dynamic=False) for k, v in mods.items()}
+    return (lambda z: mods["mapping"](torch.from_numpy(z)).numpy()), run_stage
 
-        def run_chain(z, masks, deltas):
-            n = z.shape[0]
-            w = mods["mapping"](z)
-            ws = w[:, None].expand(-1, G.cfg.n_latent, -1).contiguous()
-            f = rgb = None
-            for s in stages:
-                a, b = s["w_rows"]
-                ins = [] if f is None else [f, rgb]
-                ins.append(ws[:, a:b])
-                if s["space"] is None:
-                    return mods[s["name"]](*ins)[0]
-                d = deltas[s["space"]]
-                ins += [masks[s["space"]], d, torch.zeros(n, 1, 1, 1), torch.zeros_like(d), torch.zeros(n, 3, *d.shape[2:])]
-                f, _, rgb = mods[s["name"]](*ins)
-            return rgb
 
-        def make(n):
-            z, masks, deltas = _inputs(manifest, stages, n)
-            z = torch.from_numpy(z)
-            masks = {k: torch.from_numpy(v) for k, v in masks.items()}
-            deltas = {k: torch.from_numpy(v) for k, v in deltas.items()}
-            ws = G.broadcast(G.mapping(z)).contiguous()
-            return lambda: run_chain(z, masks, deltas), ws, masks, deltas
+def _measure(arch: str, backend: str, bundle: str, cfg: BenchConfig) -> dict:
+    manifest = json.loads((Path(bundle) / "manifest.json").read_text())
+    stages = [s for s in manifest["stages"] if s["name"] != "mapping"]
+    mapping, run_stage = _backend(arch, backend, bundle, cfg)
+    n_latent, resolution = manifest["n_latent"], manifest["resolution"]
 
-        def stage_fns(ws, masks, deltas):
-            n, f, rgb = ws.shape[0], None, None
-            fns = {"mapping": lambda z=torch.zeros(n, G.cfg.z_dim): mods["mapping"](z)}
-            for s in stages:
-                a, b = s["w_rows"]
-                ins = [] if f is None else [f, rgb]
-                ins.append(ws[:, a:b].contiguous())
-                if s["space"]:
-                    d = deltas[s["space"]]
-                    ins += [masks[s["space"]], d, torch.zeros(n, 1, 1, 1), torch.zeros_like(d), torch.zeros(n, 3, *d.shape[2:])]
-                    f, _, rgb = mods[s["name"]](*ins)
-                fns[s["name"]] = (lambda name=s["name"], ins=ins: mods[name](*ins))
-            return fns
+    def make(n):
+        z, masks, deltas = _inputs(manifest, stages, n)
+
+        def end_to_end():
+            return run_synthesis(run_stage, stages, resolution, np.repeat(mapping(z)[:, None], n_latent, axis=1),
+                                 deltas, masks)
+
+        return end_to_end, z, masks, deltas
+
+    def stage_fns(z, masks, deltas):
+        """Each stage on the feeds it sees in the chain."""
+        feeds_log: dict = {}
+        run_synthesis(run_stage, stages, resolution, np.repeat(mapping(z)[:, None], n_latent, axis=1), deltas, masks,
+                      feeds_log=feeds_log)
+        fns = {"mapping": lambda: mapping(z)}
+        for s in stages:
+            outputs = ["image"] if s["space"] is None else ["f_out", "rgb_blend", "rgb_out"]
+            fns[s["name"]] = lambda name=s["name"], outputs=outputs: run_stage(name, feeds_log[name], outputs)
+        return fns
 
     t_setup = time.perf_counter()
-    end_to_end, ws, masks, deltas = make(1)
+    end_to_end, z, masks, deltas = make(1)
     end_to_end()  # first call (compilation for "compiled")
     first_call_s = time.perf_counter() - t_setup
     result = {"end_to_end": _stats(_timed(end_to_end, cfg.runs, cfg.warmup)), "first_call_s": first_call_s}
-    result["stages"] = {k: _stats(_timed(fn, cfg.runs, cfg.warmup)) for k, fn in stage_fns(ws, masks, deltas).items()}
+    result["stages"] = {k: _stats(_timed(fn, cfg.runs, cfg.warmup)) for k, fn in stage_fns(z, masks, deltas).items()}
     result["throughput_img_s"] = {}
     for n in cfg.batches:
         fn = make(n)[0]

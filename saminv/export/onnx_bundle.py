@@ -33,6 +33,7 @@ from saminv.export.stages import MappingStage, StagePlan, SynthesisStage, output
 from saminv.imageio import atomic_write, file_sha256
 from saminv.models.model_dir import Model
 from saminv.outputs import write_dir
+from saminv.runtime.runtime import run_synthesis
 
 FORMAT = "saminv-bundle"
 FORMAT_VERSION = 1
@@ -75,25 +76,7 @@ def _check(path: Path, torch_module: nn.Module, inputs: dict[str, torch.Tensor])
     return max(float(np.abs(g - r.numpy()).max()) for g, r in zip(got, ref))
 
 
-def _chain_image(sessions: dict[str, object], plans: list[StagePlan], ws: np.ndarray, masks: dict[str, np.ndarray],
-                 deltas: dict[str, np.ndarray]) -> np.ndarray:
-    """Run the exported synthesis stages with ONNX Runtime (keep = 0): the composed image."""
-    n = ws.shape[0]
-    f = rgb = None
-    for p in plans:
-        a, b = p.w_rows
-        feeds = {} if p.first == 0 else {"f_in": f, "rgb_in": rgb}
-        feeds["w_slice"] = np.ascontiguousarray(ws[:, a:b])
-        if p.space is None:
-            return sessions[p.name].run(None, feeds)[0]
-        d = deltas[p.space]
-        feeds.update(mask=masks[p.space], delta=d, keep=np.zeros((n, 1, 1, 1), np.float32),
-                     f_keep=np.zeros_like(d), rgb_keep=np.zeros((n, 3, *d.shape[2:]), np.float32))
-        f, _, rgb = sessions[p.name].run(None, feeds)
-    return rgb
-
-
-def _fp16_image_psnr(model: Model, plans: list[StagePlan], paths: dict[str, Path], n: int = 4) -> float:
+def _fp16_image_psnr(model: Model, stages: list[dict], paths: dict[str, Path], n: int = 4) -> float:
     """PSNR (dB, images in [-1, 1]) of the float16 chain's composed image against the float32 torch one."""
     from saminv.inversion.optimize import Codes
 
@@ -102,17 +85,18 @@ def _fp16_image_psnr(model: Model, plans: list[StagePlan], paths: dict[str, Path
     with torch.no_grad():
         ws = G.broadcast(G.mapping(torch.randn(n, G.cfg.z_dim, generator=g)))
     labels = torch.randint(0, len(G.cfg.feature_blocks) + 1, (n, 1, G.cfg.resolution, G.cfg.resolution), generator=g)
+    space_stages = [s for s in stages if s["space"]]
     full, masks, deltas = {}, {}, {}
-    for i, p in enumerate(x for x in plans if x.space):
-        r = G.cfg.block_resolution(p.last)
-        full[p.space] = (labels == i + 1).float()
-        masks[int(p.space[1:])] = torch.nn.functional.interpolate(full[p.space], size=(r, r), mode="area")
-        deltas[p.space] = 0.1 * torch.randn(n, G.cfg.channels(r), r, r, generator=g)
+    for i, s in enumerate(space_stages):
+        c, r = s["inputs"]["delta"][1], s["inputs"]["delta"][2]
+        full[s["space"]] = (labels == i + 1).float()
+        masks[int(s["space"][1:])] = torch.nn.functional.interpolate(full[s["space"]], size=(r, r), mode="area")
+        deltas[s["space"]] = 0.1 * torch.randn(n, c, r, r, generator=g)
     with torch.no_grad():
         ref = Codes(ws, {int(k[1:]): v for k, v in deltas.items()}, masks).render(model).numpy()
-    sessions = {p.name: _ort_session(paths[p.name]) for p in plans}
-    img = _chain_image(sessions, plans, ws.numpy(), {k: v.numpy() for k, v in full.items()},
-                       {k: v.numpy() for k, v in deltas.items()})
+    sessions = {s["name"]: _ort_session(paths[s["name"]]) for s in stages}
+    img = run_synthesis(lambda name, feeds, outputs: sessions[name].run(outputs, feeds), stages, G.cfg.resolution,
+                        ws.numpy(), {k: v.numpy() for k, v in deltas.items()}, {k: v.numpy() for k, v in full.items()})
     mse = float(np.mean((img - ref) ** 2))
     return float(10 * np.log10(4.0 / max(mse, 1e-20)))
 
@@ -172,7 +156,7 @@ def export_bundle(model: Model, out: Path, fp16: bool = False, opset: int = DEFA
             paths[name] = path
             log(f"  {name}: max abs diff vs torch {diff:.2e}")
         if fp16:
-            psnr = _fp16_image_psnr(model, plans, paths)
+            psnr = _fp16_image_psnr(model, [s for s in manifest["stages"] if s["name"] != "mapping"], paths)
             manifest["fp16_image_psnr_db"] = psnr
             log(f"fp16 chain image vs float32 torch: {psnr:.1f} dB PSNR")
             if psnr < FP16_MIN_PSNR:

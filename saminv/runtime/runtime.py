@@ -52,6 +52,46 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.rint((np.nan_to_num(images) + 1) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
+def run_synthesis(run, stages: list[dict], resolution: int, wplus: np.ndarray,
+                  deltas: dict[str, np.ndarray] | None = None, masks: dict[str, np.ndarray] | None = None,
+                  keep: dict[str, tuple] | None = None, record: dict | None = None, feeds_log: dict | None = None):
+    """Chain the synthesis stages of a manifest: the composed image of w+ [N, n_latent, w_dim] (paper Eq. 3-4).
+
+    ``run(name, feeds, output_names)`` runs one stage and returns its outputs (numpy arrays or OrtValues,
+    which are fed on unchanged). ``deltas``/``masks``: per space name, delta_f [N, C, r, r] and
+    full-resolution masks [N, 1, R, R] (absent spaces get zeros). ``keep``: per space, the (f, rgb) outputs
+    of an unedited pass to blend back under the mask (editing); ``record`` receives those values of this
+    pass; ``feeds_log`` receives each stage's feeds (for benchmarks). Returns the last stage's image output.
+    """
+    n = wplus.shape[0]
+    deltas, masks, keep = deltas or {}, masks or {}, keep or {}
+    f = rgb = None
+    for stage in stages:
+        a, b = stage["w_rows"]
+        feeds = {} if f is None else {"f_in": f, "rgb_in": rgb}
+        feeds["w_slice"] = np.ascontiguousarray(wplus[:, a:b])
+        space = stage["space"]
+        if space is not None:
+            c, r = stage["inputs"]["delta"][1], stage["inputs"]["delta"][2]
+            zeros_f = np.zeros((n, c, r, r), np.float32)
+            feeds["mask"] = masks.get(space, np.zeros((n, 1, resolution, resolution), np.float32))
+            feeds["delta"] = deltas.get(space, zeros_f)
+            if space in keep:
+                feeds["keep"] = np.ones((n, 1, 1, 1), np.float32)
+                feeds["f_keep"], feeds["rgb_keep"] = keep[space]
+            else:
+                feeds.update(keep=np.zeros((n, 1, 1, 1), np.float32), f_keep=zeros_f,
+                             rgb_keep=np.zeros((n, 3, r, r), np.float32))
+        if feeds_log is not None:
+            feeds_log[stage["name"]] = feeds
+        if space is None:
+            return run(stage["name"], feeds, ["image"])[0]
+        f, rgb_blend, rgb = run(stage["name"], feeds, ["f_out", "rgb_blend", "rgb_out"])
+        if record is not None:
+            record[space] = (f, rgb_blend)
+    return rgb
+
+
 class Runtime:
     """Run a bundle. ``providers``: onnxruntime execution providers, default CPU only (pass e.g.
     ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` when onnxruntime-gpu is installed).
@@ -87,7 +127,7 @@ class Runtime:
 
     # ------------------------------------------------------------------------------------ stages
 
-    def _run(self, name: str, feeds: dict, outputs: list[str]) -> list:
+    def run_stage(self, name: str, feeds: dict, outputs: list[str]) -> list:
         """Run one stage with I/O binding; feeds are numpy arrays or OrtValues; returns OrtValues."""
         session = self.sessions[name]
         binding = session.io_binding()
@@ -103,44 +143,17 @@ class Runtime:
 
     def mapping(self, z: np.ndarray) -> np.ndarray:
         """z [N, z_dim] float32 -> w [N, w_dim]."""
-        return self._run("mapping", {"z": z.astype(np.float32)}, ["w"])[0].numpy()
+        return self.run_stage("mapping", {"z": z.astype(np.float32)}, ["w"])[0].numpy()
 
     def synthesize(self, wplus: np.ndarray, deltas: dict[str, np.ndarray] | None = None,
                    masks: dict[str, np.ndarray] | None = None, keep: dict[str, tuple] | None = None,
-                   record: dict | None = None) -> np.ndarray:
-        """The composed image [N, 3, R, R] float32 of w+ [N, n_latent, w_dim] with residuals (paper Eq. 3-4).
-
-        ``deltas``/``masks``: per space name, delta_f [N, C, r, r] and full-resolution masks [N, 1, R, R].
-        ``keep``: per space, the (f, rgb) OrtValues to blend back under the mask (editing); ``record``:
-        a dict that receives those values of this pass.
-        """
+                   record: dict | None = None, feeds_log: dict | None = None) -> np.ndarray:
+        """The composed image [N, 3, R, R] float32 of w+ [N, n_latent, w_dim] (see :func:`run_synthesis`)."""
         wplus = np.ascontiguousarray(wplus, dtype=np.float32)
-        n = wplus.shape[0]
         if wplus.shape[1:] != (self.n_latent, self.w_dim):
             raise BundleError(f"w+ has shape {wplus.shape}, this bundle needs (N, {self.n_latent}, {self.w_dim})")
-        deltas, masks, keep = deltas or {}, masks or {}, keep or {}
-        f = rgb = None
-        for stage in self.bundle.synthesis_stages:
-            a, b = stage["w_rows"]
-            feeds = {} if f is None else {"f_in": f, "rgb_in": rgb}
-            feeds["w_slice"] = np.ascontiguousarray(wplus[:, a:b])
-            space = stage["space"]
-            if space is None:
-                return self._run(stage["name"], feeds, ["image"])[0].numpy()
-            c, r = stage["inputs"]["delta"][1], stage["inputs"]["delta"][2]
-            zeros_f = np.zeros((n, c, r, r), np.float32)
-            feeds["mask"] = masks.get(space, np.zeros((n, 1, self.resolution, self.resolution), np.float32))
-            feeds["delta"] = deltas.get(space, zeros_f)
-            if space in keep:
-                feeds["keep"] = np.ones((n, 1, 1, 1), np.float32)
-                feeds["f_keep"], feeds["rgb_keep"] = keep[space]
-            else:
-                feeds.update(keep=np.zeros((n, 1, 1, 1), np.float32), f_keep=zeros_f,
-                             rgb_keep=np.zeros((n, 3, r, r), np.float32))
-            f, rgb_blend, rgb = self._run(stage["name"], feeds, ["f_out", "rgb_blend", "rgb_out"])
-            if record is not None:
-                record[space] = (f, rgb_blend)
-        return rgb.numpy()
+        return run_synthesis(self.run_stage, self.bundle.synthesis_stages, self.resolution, wplus, deltas, masks, keep,
+                             record, feeds_log).numpy()
 
     # ------------------------------------------------------------------------------------ user API
 
