@@ -216,8 +216,7 @@ class Runtime:
         return images[0] if np.isscalar(strength) else np.stack(images)
 
     def invert(self, image) -> RuntimeCodes:
-        """Feed-forward SAM inversion needs the invertibility predictor and encoders in the bundle."""
-        if not any(s["name"].startswith(("predictor", "encoder")) for s in self.bundle.manifest["stages"]):
-            raise BundleError(f"{self.bundle.path}: this bundle has no invertibility predictor or encoders; "
-                              "feed-forward inversion needs a model trained with them (saminv train predictor/encoder)")
-        raise BundleError("this runtime does not run predictor/encoder stages yet")
+        """Feed-forward SAM inversion (predictor, segments, masks, encoders, compose). Bundles do not carry
+        the invertibility predictor and encoders yet, so this raises BundleError saying so."""
+        raise BundleError(f"{self.bundle.path}: this bundle has no invertibility predictor or encoders; "
+                          "feed-forward inversion needs a model trained with them (saminv train predictor/encoder)")
