@@ -207,9 +207,9 @@ def invert(paths: list[Path] = typer.Argument(..., help="Images or directories o
 def edit(input: Path = typer.Argument(..., help="A codes.safetensors from saminv invert, or a photo (inverted with SAM first)."),
          direction: str = typer.Option(..., help="ganspace:K, sefa:K, a name in the model's library, or a .npy "
                                                  "of shape (n_latent, w_dim) or (w_dim,)."),
-         strength: Optional[float] = typer.Option(None, help="One strength (default 3; GANSpace/SeFa/boundary "
+         strength: Optional[float] = typer.Option(None, help="One strength (default 2; GANSpace/SeFa/boundary "
                                                             "directions count in standard deviations of W)."),
-         strengths: Optional[str] = typer.Option(None, help="A sweep a:b:n, e.g. -3:3:7 (writes a strip and a GIF)."),
+         strengths: Optional[str] = typer.Option(None, help="A sweep START:STOP:COUNT, e.g. -3:3:7 (writes a strip and a GIF)."),
          layers: Optional[str] = typer.Option(None, help="w+ layers i-j the edit moves (default: the direction's own)."),
          model: Optional[str] = typer.Option(None, help=MODEL_HELP + " Default: the codes' model, else faces64."),
          out: Path = typer.Option(Path("saminv-edits"), help="Output root; one new folder per edit."),

@@ -58,18 +58,18 @@ def ganspace_grid_rows(model: Model, codes: Codes, n: int, strengths: list[float
 
 
 def parse_strengths(strength: float | None, strengths: str | None) -> list[float]:
-    """``--strength S`` or ``--strengths a:b:n`` (n evenly spaced values from a to b) -> list of floats."""
+    """``--strength S`` or ``--strengths START:STOP:COUNT`` (evenly spaced) -> list of floats."""
     if strength is not None and strengths is not None:
         raise InputError("give --strength or --strengths, not both")
     if strengths is None:
-        return [3.0 if strength is None else float(strength)]
+        return [2.0 if strength is None else float(strength)]
     parts = strengths.split(":")
     try:
         a, b, n = float(parts[0]), float(parts[1]), int(parts[2])
         if len(parts) != 3 or not 1 <= n <= 64 or not (np.isfinite(a) and np.isfinite(b)):
             raise ValueError
     except (ValueError, IndexError):
-        raise InputError(f"--strengths {strengths!r}: expected a:b:n, e.g. -3:3:7 (n from 1 to 64)") from None
+        raise InputError(f"--strengths {strengths!r}: expected START:STOP:COUNT, e.g. -3:3:7 (COUNT from 1 to 64)") from None
     return [round(float(v), 6) for v in np.linspace(a, b, n)]
 
 
