@@ -254,8 +254,15 @@ def from_tensor_range(x: np.ndarray) -> np.ndarray:
         x = x[0]
     if x.ndim != 3 or x.shape[0] != 3:
         raise ValueError(f"expected a [3, H, W] or [1, 3, H, W] array, got shape {x.shape}")
+    return images_to_uint8(x)
+
+
+def images_to_uint8(x: np.ndarray) -> np.ndarray:
+    """Batched :func:`from_tensor_range`: float [..., 3, H, W] in [-1, 1] -> uint8 [..., H, W, 3]
+    (rounded, clipped; NaN becomes mid-grey)."""
+    x = np.asarray(x)
     levels = (np.nan_to_num(x.astype(np.float32), nan=0.0) + 1) * 127.5
-    return np.ascontiguousarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8).transpose(1, 2, 0))
+    return np.ascontiguousarray(np.moveaxis(np.clip(np.rint(levels), 0, 255).astype(np.uint8), -3, -1))
 
 
 # --------------------------------------------------------------------------------------------- outputs

@@ -11,7 +11,7 @@ import torch
 from saminv.editing.directions import Direction, resolve
 from saminv.editing.edit import Editor
 from saminv.errors import InputError
-from saminv.imageio import from_tensor_range
+from saminv.imageio import images_to_uint8
 from saminv.inversion.optimize import Codes
 from saminv.models.model_dir import Model
 from saminv.outputs import SavedCodes
@@ -38,8 +38,7 @@ def check_codes(codes: Codes, model: Model) -> None:
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[..., 3, R, R] in [-1, 1] -> [..., R, R, 3] uint8."""
-    flat = images.reshape(-1, *images.shape[-3:]).cpu().numpy()
-    return np.stack([from_tensor_range(x) for x in flat]).reshape(*images.shape[:-3], *flat.shape[2:], 3)
+    return images_to_uint8(images.detach().cpu().numpy())
 
 
 def sweep_images(model: Model, saved: SavedCodes, direction: Direction, strengths: list[float]) -> np.ndarray:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from saminv.imageio import images_to_uint8
 from saminv.runtime.bundle import Bundle, BundleError, check_session_io, open_bundle
 
 
@@ -45,11 +46,6 @@ def load_codes(path: str | Path) -> RuntimeCodes:
                             json.loads(meta["spaces"]), deltas)
     except Exception as e:  # safetensors raises several types for broken files
         raise BundleError(f"{path}: not a saminv codes file ({str(e).splitlines()[0]})") from None
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[N, 3, H, W] in [-1, 1] -> [N, H, W, 3] uint8."""
-    return np.clip(np.rint((np.nan_to_num(images) + 1) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def run_synthesis(run, stages: list[dict], resolution: int, wplus: np.ndarray,
@@ -162,7 +158,7 @@ class Runtime:
         z = np.random.default_rng(seed).standard_normal((n, self.z_dim)).astype(np.float32)
         w = self.mapping(z)
         w = self.w_avg + truncation * (w - self.w_avg)
-        return to_uint8(self.synthesize(np.repeat(w[:, None], self.n_latent, axis=1)))
+        return images_to_uint8(self.synthesize(np.repeat(w[:, None], self.n_latent, axis=1)))
 
     def _masks(self, codes: RuntimeCodes) -> dict[str, np.ndarray]:
         return {name: (codes.labels == i).astype(np.float32)[:, None] for i, name in enumerate(codes.names)
@@ -171,7 +167,7 @@ class Runtime:
     def render(self, codes: RuntimeCodes | str | Path) -> np.ndarray:
         """The reconstruction of SAM codes: N x R x R x 3 uint8."""
         codes = codes if isinstance(codes, RuntimeCodes) else load_codes(codes)
-        return to_uint8(self.synthesize(codes.wplus, codes.deltas, self._masks(codes)))
+        return images_to_uint8(self.synthesize(codes.wplus, codes.deltas, self._masks(codes)))
 
     def _load_directions(self) -> dict[str, tuple[np.ndarray, tuple[int, int]]]:
         entries = self.bundle.manifest.get("directions", [])
@@ -211,7 +207,7 @@ class Runtime:
         self.synthesize(codes.wplus, codes.deltas, masks, record=unedited)
         keep = {space: unedited[space] for space in masks}
         values = [strength] if np.isscalar(strength) else list(strength)
-        images = [to_uint8(self.synthesize(codes.wplus + self.direction_offset(direction, float(s), layers),
+        images = [images_to_uint8(self.synthesize(codes.wplus + self.direction_offset(direction, float(s), layers),
                                            codes.deltas, masks, keep=keep))[0] for s in values]
         return images[0] if np.isscalar(strength) else np.stack(images)
 
