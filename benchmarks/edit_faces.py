@@ -48,7 +48,7 @@ def inverted(model, name: str, cache: Path) -> tuple[np.ndarray, SavedCodes]:
     path = cache / f"{model.name}_{name}.safetensors"
     if not path.is_file():
         torch.manual_seed(0)
-        r = sam_invert(model, LPIPS(), image, progress=True)
+        r = sam_invert(model, LPIPS(), image, progress=True, mode="optimize", maps="measured")
         cache.mkdir(parents=True, exist_ok=True)
         save_codes(path, r.codes, r.labels, r.names, model, r.metrics["tau"])
     return image, load_codes(path)

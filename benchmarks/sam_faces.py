@@ -46,7 +46,8 @@ def main() -> None:
         image = resize_square(face_photo(name), model.generator.cfg.resolution)
         torch.manual_seed(0)
         t0 = time.time()
-        r = sam_invert(model, lpips, image, tau=args.tau, cfg=InversionConfig(steps=args.steps))
+        r = sam_invert(model, lpips, image, tau=args.tau, cfg=InversionConfig(steps=args.steps), mode="optimize",
+                       maps="measured")
         m = r.metrics
         target = to_target(image)
         long_w = invert_spaces(model, lpips, target, ["W+"], InversionConfig(steps=2 * args.steps))

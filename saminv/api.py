@@ -25,18 +25,22 @@ def _model(model: ModelLike) -> Model:
     return model if isinstance(model, Model) else load_model(model)
 
 
-def invert(image: str | Path | Image.Image | np.ndarray, model: ModelLike = "faces64", tau: float | None = None,
-           steps: int = 200) -> SamResult:
-    """SAM optimization inversion of one photo (a path, a PIL image or an H x W x 3 uint8 array; centre-
-    cropped and resized to the model's resolution). Returns a SamResult: ``image`` [3, R, R] in [-1, 1],
-    ``codes``, ``labels`` [R, R], ``names``, ``metrics``. Raises InputError for unreadable images."""
+def invert(image: str | Path | Image.Image | np.ndarray, model: ModelLike = "faces64", mode: str | None = None,
+           tau: float | None = None, steps: int = 200, maps: str | None = None) -> SamResult:
+    """SAM inversion of one photo (a path, a PIL image or an H x W x 3 uint8 array; centre-cropped and
+    resized to the model's resolution). ``mode``: "encoder" (one feed-forward pass), "optimize",
+    "hybrid" (encoder start, then ``steps`` of joint optimization); default: hybrid when the model has
+    trained encoders, else optimize. ``maps``: "predicted" or "measured" invertibility maps (default:
+    predicted when the model has a predictor). Returns a SamResult: ``image`` [3, R, R] in [-1, 1],
+    ``codes``, ``labels`` [R, R], ``names``, ``metrics``. Raises InputError for unreadable images or a
+    mode the model lacks networks for."""
     m = _model(model)
     r = m.generator.cfg.resolution
     if isinstance(image, (str, Path)):
         pixels = load_image(image, r)
     else:
         pixels = resize_square(image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)), r)
-    return sam_invert(m, LPIPS(), pixels, tau=tau, cfg=InversionConfig(steps=steps))
+    return sam_invert(m, LPIPS(), pixels, tau=tau, cfg=InversionConfig(steps=steps), mode=mode, maps=maps)
 
 
 def edit(codes: Codes | SamResult | str | Path, direction: str | Direction | np.ndarray,

@@ -118,6 +118,16 @@ def generate(model: str = typer.Option("faces64", help=MODEL_HELP),
     typer.echo(f"wrote {len(images)} images to {out}")
 
 
+def model_directory(spec: str, purpose: str):
+    """Load a model that lives in a directory saminv may update (a built-in name or a model directory)."""
+    from saminv.models.model_dir import cache_dir, load_model
+
+    m = load_model(spec)
+    if m.path is None or cache_dir() in m.path.parents:
+        raise InputError(f"{purpose} needs a model directory or built-in name, not a checkpoint")
+    return m
+
+
 def parse_spaces(spaces: Optional[str], available: list[str]) -> list[str] | None:
     if not spaces:
         return None
@@ -141,8 +151,12 @@ def invert(paths: list[Path] = typer.Argument(..., help="Images or directories o
            seed: int = typer.Option(0, help="Seed of torch's random state."),
            edits: int = typer.Option(0, min=0, max=20, help="Add a grid of the top-N GANSpace edits to the side-by-side."),
            bundle: Optional[Path] = typer.Option(None, help="Invert feed-forward with an exported bundle (torch-free runtime)."),
+           mode: str = typer.Option("auto", help="encoder (one pass), optimize, hybrid (encoder start + optimization), "
+                                                 "or auto: hybrid when the model has trained encoders, else optimize."),
+           maps: str = typer.Option("auto", help="Invertibility maps: predicted (the model's predictor), measured "
+                                                 "(invert in every space), or auto: predicted when the model has a predictor."),
            ) -> None:
-    """Invert photos with SAM optimization: reconstruction, layer map, side-by-side, codes, metrics."""
+    """Invert photos with SAM: reconstruction, layer map, side-by-side, codes, metrics."""
     if bundle is not None:
         from saminv.runtime import Runtime
 
@@ -172,13 +186,18 @@ def invert(paths: list[Path] = typer.Argument(..., help="Images or directories o
     names = parse_spaces(spaces, [s.name for s in m.generator.spaces])
     if tau is not None and not 0 <= tau:
         raise InputError("--tau must be >= 0")
+    from saminv.inversion.sam import MAPS, MODES
+
+    if mode not in ("auto", *MODES) or maps not in ("auto", *MAPS):
+        raise InputError(f"--mode must be auto or one of {', '.join(MODES)}; --maps auto or one of {', '.join(MAPS)}")
     lpips = LPIPS().to(dev)
     cfg = InversionConfig(steps=steps)
     inverted = 0
     for path in tqdm(files, desc="images", unit="img", disable=len(files) < 2):
         try:
             image = load_image(path, m.generator.cfg.resolution)
-            result = sam_invert(m, lpips, image, tau=tau, names=names, cfg=cfg, n_segments=segments, progress=True)
+            result = sam_invert(m, lpips, image, tau=tau, names=names, cfg=cfg, n_segments=segments, progress=True,
+                                mode=None if mode == "auto" else mode, maps=None if maps == "auto" else maps)
             target_dir = unique_dir(out / path.stem)
             grid = None
             if edits:
@@ -190,8 +209,8 @@ def invert(paths: list[Path] = typer.Argument(..., help="Images or directories o
             inverted += 1
             mt = result.metrics
             share = ", ".join(f"{k} {v:.0%}" for k, v in mt["space_share"].items() if v > 0)
-            tqdm.write(f"{path}: PSNR {mt['psnr']:.2f} dB, LPIPS {mt['lpips']:.3f}, {share}, "
-                       f"{mt['seconds']:.0f} s -> {target_dir}")
+            tqdm.write(f"{path}: {mt['mode']} ({mt['maps']} maps) PSNR {mt['psnr']:.2f} dB, LPIPS {mt['lpips']:.3f}, "
+                       f"{share}, {mt['seconds']:.1f} s -> {target_dir}")
         except InputError as e:
             failures.append(str(e))
             tqdm.write(f"error: {e}", file=sys.stderr)
@@ -429,12 +448,9 @@ def calibrate(model: str = typer.Option("faces64", help="A built-in name or mode
     from saminv.imageio import collect_images, load_image, resize_square
     from saminv.inversion.calibration import calibrate_tau, store_tau
     from saminv.models.lpips import LPIPS
-    from saminv.models.model_dir import cache_dir, load_model
     from saminv.photos import validation_photos
 
-    m = load_model(model)
-    if m.path is None or cache_dir() in m.path.parents:
-        raise InputError("calibrate needs a model directory or built-in name, not a checkpoint")
+    m = model_directory(model, "calibrate")
     r = m.generator.cfg.resolution
     if images:
         photos = [load_image(p, r) for p in collect_images(images)]
@@ -502,7 +518,8 @@ def train_invertibility_data(out: Path = typer.Option(..., help="Data set direct
     """Invert training images in every latent space and store LPIPS error maps (predictor data), in shards."""
     from saminv.imageio import collect_images, load_image
     from saminv.models.model_dir import load_model
-    from saminv.training.invertibility_data import DataConfig, generate_dataset, process_rank
+    from saminv.training.invertibility_data import DataConfig, generate_dataset
+    from saminv.training.run import process_rank
 
     m = load_model(model)
     env_rank, env_world = process_rank()
@@ -517,6 +534,9 @@ def train_invertibility_data(out: Path = typer.Option(..., help="Data set direct
     typer.echo(f"wrote {len(written)} shards to {out}")
 
 
+INTO_HELP = "A built-in name or model directory that receives the weights when the run reaches its last step."
+
+
 @train_app.command("predictor")
 @reports_errors
 def train_predictor(data: Path = typer.Option(..., help="A data set from saminv train invertibility-data."),
@@ -525,16 +545,54 @@ def train_predictor(data: Path = typer.Option(..., help="A data set from saminv 
                     batch: int = typer.Option(16, min=1),
                     lr: float = typer.Option(1e-3, help="Learning rate of decoder and heads (backbone: 0.1x)."),
                     device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+                    into: Optional[str] = typer.Option(None, help=INTO_HELP),
                     ) -> None:
     """Train the invertibility predictor S_l: l2 regression of the per-space LPIPS error maps (paper Eq. 2)."""
+    from saminv.models.model_dir import save_network
     from saminv.training.predictor import PredictorConfig, PredictorTrainer
 
+    target = model_directory(into, "--into") if into else None
     try:
         run = PredictorTrainer(data, out, PredictorConfig(steps=steps, batch=batch, lr=lr), pick_device(device))
     except FileNotFoundError as e:
         raise InputError(str(e)) from None
+    if target is not None and run.spaces != [s.name for s in target.generator.spaces]:
+        raise InputError(f"the data set's spaces {run.spaces} are not those of {target.name}")
     run.train()
     typer.echo(f"predictor at step {run.step} -> {out / 'checkpoint.pt'}")
+    if target is not None:
+        save_network(target.path, "predictor", run.net, {"data": str(data), **run.record()})
+        typer.echo(f"predictor weights -> {target.path / 'predictor.safetensors'}")
+
+
+@train_app.command("encoder")
+@reports_errors
+def train_encoder(model: str = typer.Option("faces64", help=MODEL_HELP),
+                  out: Path = typer.Option(Path("runs/encoders"), help="Run directory (resumes from its checkpoint.pt)."),
+                  wplus_steps: int = typer.Option(1500, min=0, help="Steps of the W+ encoder (stage 1)."),
+                  delta_steps: int = typer.Option(600, min=0, help="Steps of the Δf encoders, W+ frozen (stage 2)."),
+                  batch: int = typer.Option(8, min=2),
+                  generated: int = typer.Option(3, min=0, help="Model samples (known w) per batch; the rest are photos, crops, composites."),
+                  lr: float = typer.Option(5e-4, help="Learning rate (ImageNet trunk: 0.1x)."),
+                  device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+                  into: Optional[str] = typer.Option(None, help=INTO_HELP),
+                  ) -> None:
+    """Train the W+ encoder (pSp/e4e style) and one Δf encoder per F_k for feed-forward SAM."""
+    from saminv.models.model_dir import load_model, save_network
+    from saminv.training.encoders import EncoderConfig, EncoderTrainer
+
+    if generated >= batch:
+        raise InputError(f"--generated {generated} must be smaller than --batch {batch}")
+    target = model_directory(into, "--into") if into else None
+    dev = pick_device(device)
+    m = load_model(model, dev)
+    cfg = EncoderConfig(wplus_steps=wplus_steps, delta_steps=delta_steps, batch=batch, generated=generated, lr=lr)
+    run = EncoderTrainer(m, out, cfg, dev)
+    run.train()
+    typer.echo(f"encoders at step {run.step} -> {out / 'checkpoint.pt'}")
+    if target is not None:
+        save_network(target.path, "encoders", run.net, {"model": m.name, **run.record()})
+        typer.echo(f"encoder weights -> {target.path / 'encoders.safetensors'}")
 
 
 @train_app.command("report")

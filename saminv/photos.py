@@ -66,6 +66,24 @@ def validation_photos() -> list[np.ndarray]:
     return out
 
 
+HELD_OUT_OPENCV = {"messi5.jpg": "messi", "butterfly.jpg": "butterfly", "squirrel_cls.jpg": "squirrel",
+                   "HappyFish.jpg": "fish", "smarties.png": "smarties", "lena.jpg": "lena"}
+HELD_OUT_LFW = range(100, 200)
+
+
+def held_out_photos(lfw: int = len(HELD_OUT_LFW)) -> list[tuple[str, np.ndarray]]:
+    """The real photos no training step sees, as (name, H x W x 3 uint8): the astronaut and messi face
+    crops, the other held-out opencv-doc photos (when installed; whole images) and the first ``lfw``
+    of LFW faces 100-199. The predictor and encoder evaluations run on these."""
+    from PIL import Image
+
+    photos = [("astronaut", _astronaut())]
+    for file, name in HELD_OUT_OPENCV.items():
+        if (OPENCV_DATA / file).is_file():
+            photos.append((name, _messi() if name == "messi" else np.asarray(Image.open(OPENCV_DATA / file).convert("RGB"))))
+    return photos + [(f"lfw-{i}", _lfw(i)) for i in list(HELD_OUT_LFW)[:lfw]]
+
+
 def face_photo(name: str) -> np.ndarray:
     """The named face crop as an H x W x 3 uint8 RGB array; raises InputError for an unknown name."""
     if name == "astronaut":

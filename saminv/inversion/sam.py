@@ -1,13 +1,16 @@
-"""Spatially-Adaptive Multilayer Selection from measured errors (SAM, Parmar et al. 2022, Sec. 3.1-3.2).
+"""Spatially-Adaptive Multilayer Selection (SAM, Parmar et al. 2022, Sec. 3).
 
-1. Invert the image in every latent space (W+, F_k), all spaces in one batch.
-2. Invertibility maps: the LPIPS spatial error map e_l of each reconstruction (paper Eq. 1).
-3. Segment the image class-agnostically (SLIC superpixels) and average each map over each segment.
-4. Per segment, walk the spaces from least to most editable (F_last ... W+) and assign the segment to
+1. Invertibility maps, one per latent space (W+, F_k): ``measured`` = invert the image in every space
+   (all spaces in one batch) and take the LPIPS spatial error map e_l of each reconstruction (paper
+   Eq. 1); ``predicted`` = one pass of the model's invertibility predictor S_l (Eq. 2).
+2. Segment the image class-agnostically (SLIC superpixels) and average each map over each segment.
+3. Per segment, walk the spaces from least to most editable (F_last ... W+) and assign the segment to
    every space whose mean error is <= tau: the last match (the most editable that passes) wins; if
    none passes, the least editable space (the official refinement rule).
-5. Exclusive masks per space, area-resized to each F_k, and the joint optimization of {w+, delta_f_k},
-   started from the W+ inversion's w+ and delta_f = 0 (embed, then refine).
+4. Exclusive masks per space, area-resized to each F_k, then the codes phi = {w+, delta_f_k}, by mode:
+   ``optimize``  joint optimization started from a W+ inversion's w+ and delta_f = 0 (embed, then refine);
+   ``encoder``   one pass of the W+ and Δf encoders (:mod:`saminv.inversion.feedforward`);
+   ``hybrid``    the encoder's codes refined by the joint optimization.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import torch.nn.functional as F
 from skimage.segmentation import slic
 from torch import Tensor
 
+from saminv.errors import InputError
 from saminv.imageio import to_tensor_range
+from saminv.inversion.feedforward import encode, predicted_maps
 from saminv.inversion.optimize import Codes, InversionConfig, optimize_codes, start_codes
 from saminv.metrics import psnr
 from saminv.models.lpips import LPIPS
@@ -128,55 +133,94 @@ def space_masks(model: Model, labels: np.ndarray, names: list[str], device: torc
     return out
 
 
+def layer_map(error_maps: np.ndarray, image: np.ndarray, tau: float, n_segments: int = 48) -> np.ndarray:
+    """The layer map: maps [S, R, R] (per space, most editable first) of an R x R x 3 uint8 image ->
+    labels [R, R] (index of the chosen space per pixel), by segments and the refinement rule."""
+    segments = segment(image, n_segments)
+    return select_spaces(segment_means(error_maps, segments), tau)[segments]
+
+
+MODES = ("encoder", "optimize", "hybrid")
+MAPS = ("predicted", "measured")
+
+
+def default_mode(model: Model) -> str:
+    """The best quality per second the model supports: hybrid with trained encoders, else optimize."""
+    return "hybrid" if model.has_network("encoders") else "optimize"
+
+
 @dataclass
 class SamResult:
-    """SAM inversion of one image. ``image`` [3, R, R] in [-1, 1]; ``labels`` [R, R] into ``names``."""
+    """SAM inversion of one image. ``image`` [3, R, R] in [-1, 1]; ``labels`` [R, R] into ``names``;
+    ``single``: the single-space inversions when the maps were measured, else None."""
 
     image: Tensor
     codes: Codes
     labels: np.ndarray
     names: list[str]
-    single: SpaceInversions
+    single: SpaceInversions | None
     metrics: dict = field(default_factory=dict)
 
 
 def sam_invert(model: Model, lpips: LPIPS, image: np.ndarray, tau: float | None = None,
                names: list[str] | None = None, cfg: InversionConfig | None = None,
-               n_segments: int = 48, progress: bool = False) -> SamResult:
-    """Invert an R x R x 3 uint8 image with SAM (measured invertibility; paper Sec. 3).
+               n_segments: int = 48, progress: bool = False, mode: str | None = None,
+               maps: str | None = None) -> SamResult:
+    """Invert an R x R x 3 uint8 image with SAM (see the module doc for ``mode`` and ``maps``).
 
     ``names``: the latent spaces to choose from, most editable first (default: the model's spaces).
-    ``tau``: the threshold (default: the model's calibrated tau). Raises KeyError on unknown spaces.
+    ``tau``: the threshold (default: the model's calibrated tau). ``mode`` defaults to
+    :func:`default_mode`; ``maps`` to predicted when the model has a predictor, else measured.
+    Raises KeyError on unknown spaces, InputError when the mode or maps need a network the model lacks.
     """
     t0 = time.time()
     G = model.generator
     device = G.mapping.w_avg.device
     tau = model.tau if tau is None else tau
+    mode = mode or default_mode(model)
+    maps = maps or ("predicted" if model.has_network("predictor") else "measured")
+    if mode not in MODES or maps not in MAPS:
+        raise InputError(f"mode must be one of {MODES} and maps one of {MAPS}, got {mode!r}, {maps!r}")
     names = names or [s.name for s in G.spaces]
     for name in names:
         if name != "W":
             G.space(name)  # raises KeyError for a space this model does not have
+    if mode != "optimize":
+        model.network("encoders")  # fail before any work when the model has none
     target = to_target(image, device)
 
-    single = invert_spaces(model, lpips, target, names, cfg, progress)
-    labels_seg = segment(image, n_segments)
-    seg_err = segment_means(single.error_maps[:, 0].cpu().numpy(), labels_seg)
-    labels = select_spaces(seg_err, tau)[labels_seg]
-
+    single = None
+    if maps == "measured":
+        single = invert_spaces(model, lpips, target, names, cfg, progress)
+        error_maps = single.error_maps[:, 0]
+    else:
+        error_maps = predicted_maps(model, target, names)[0]
+    labels = layer_map(error_maps.cpu().numpy(), image, tau, n_segments)
     masks = space_masks(model, labels, names, device)
-    start = start_codes(model, 1, masks)
-    if "W+" in names:  # embed, then refine: start the joint optimization from the W+ inversion
-        start.wplus = single.codes.wplus[names.index("W+"):names.index("W+") + 1].clone()
-    codes = optimize_codes(model, lpips, target, start, cfg=cfg, progress=progress, desc="SAM joint optimization")
+
+    if mode == "optimize":
+        start = start_codes(model, 1, masks)
+        if "W+" in names:  # embed, then refine: start the joint optimization from a W+ inversion
+            wplus = single.codes.wplus[names.index("W+")] if single else \
+                invert_spaces(model, lpips, target, ["W+"], cfg, progress).codes.wplus[0]
+            start.wplus = wplus[None].clone()
+    else:
+        with torch.no_grad():
+            start = encode(model, target, masks)
+    codes = start if mode == "encoder" else optimize_codes(model, lpips, target, start, cfg=cfg, progress=progress,
+                                                            desc="SAM joint optimization")
     with torch.no_grad():
         recon = codes.render(model)
         metrics = {
             "psnr": psnr(recon, target).item(),
             "lpips": lpips(recon, target).item(),
             "tau": tau,
+            "mode": mode,
+            "maps": maps,
             "space_share": {n: float((labels == i).mean()) for i, n in enumerate(names)},
-            "single_space": {n: {"psnr": psnr(single.images[i], target).item(),
-                                 "lpips": float(single.error_maps[i].mean())} for i, n in enumerate(names)},
             "seconds": round(time.time() - t0, 2),
         }
+        if single is not None:
+            metrics["single_space"] = {n: {"psnr": psnr(single.images[i], target).item(),
+                                           "lpips": float(single.error_maps[i].mean())} for i, n in enumerate(names)}
     return SamResult(recon[0], codes, labels, names, single, metrics)

@@ -97,22 +97,30 @@ class EfficientNetLite0(nn.Module):
     :func:`normalise`). Other sizes run too (global pooling), but the weights were trained at 224.
     """
 
-    def __init__(self, num_classes: int = 1000) -> None:
+    def __init__(self, num_classes: int = 1000, levels: int | None = None) -> None:
+        """``levels`` (1-4): keep only the blocks up to pyramid level ``levels`` (stride 4 * 2^(levels-1))
+        and drop the classifier head: a lighter trunk for dense prediction. None: the full classifier."""
         super().__init__()
+        self.levels = levels
         self._conv_stem = _SameConv2d(3, 32, 3, 2)
         self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
         blocks = []
         for repeats, kernel, stride, expand, cin, cout in _STAGES:
             for r in range(repeats):
                 blocks.append(_MBConv(cin if r == 0 else cout, cout, kernel, stride if r == 0 else 1, expand))
+        if levels is not None:
+            assert 1 <= levels <= len(PYRAMID_BLOCKS), levels
+            blocks = blocks[:PYRAMID_BLOCKS[levels - 1] + 1]
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = _SameConv2d(320, FEATURE_DIM, 1)
-        self._bn1 = nn.BatchNorm2d(FEATURE_DIM, eps=BN_EPS)
-        self._fc = nn.Linear(FEATURE_DIM, num_classes)
+        if levels is None:
+            self._conv_head = _SameConv2d(320, FEATURE_DIM, 1)
+            self._bn1 = nn.BatchNorm2d(FEATURE_DIM, eps=BN_EPS)
+            self._fc = nn.Linear(FEATURE_DIM, num_classes)
 
     def pyramid(self, x: Tensor) -> list[Tensor]:
         """Multi-scale features for dense prediction: the last activations at strides 4, 8, 16 and 32,
-        [N, 24, H/4, W/4], [N, 40, H/8, W/8], [N, 112, H/16, W/16], [N, 320, H/32, W/32]."""
+        [N, 24, H/4, W/4], [N, 40, H/8, W/8], [N, 112, H/16, W/16], [N, 320, H/32, W/32] (the first
+        ``levels`` of them for a trunk)."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
         out = []
         for i, block in enumerate(self._blocks):
@@ -145,11 +153,13 @@ def weights_path() -> Path:
     return path
 
 
-def load_backbone(device: str | torch.device = "cpu") -> EfficientNetLite0:
-    """Pretrained EfficientNet-Lite0 in eval mode with gradients off (strict key matching)."""
+def load_backbone(device: str | torch.device = "cpu", levels: int | None = None) -> EfficientNetLite0:
+    """Pretrained EfficientNet-Lite0 (or its trunk up to pyramid level ``levels``) in eval mode with
+    gradients off; every parameter of the network comes from the weights file (strict key matching)."""
     state = torch.load(weights_path(), map_location="cpu", weights_only=True)
-    net = EfficientNetLite0()
-    net.load_state_dict(state, strict=True)
+    net = EfficientNetLite0(levels=levels)
+    keep = net.state_dict().keys()
+    net.load_state_dict({k: v for k, v in state.items() if k in keep}, strict=True)
     return net.eval().requires_grad_(False).to(device)
 
 

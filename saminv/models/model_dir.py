@@ -5,12 +5,17 @@ calibrated tau, the preprocessing and where the weights came from. ``weights.saf
 the generator state_dict plus the W-prior statistics used by the Mahalanobis regularizer
 (``w_prior.mean`` [w_dim], ``w_prior.precision`` [w_dim, w_dim], both float32).
 
+Trained feed-forward networks join the directory as ``<kind>.safetensors`` (float16 weights) with
+an entry ``config.json[kind]`` (constructor arguments, sha256, how they were trained): ``predictor``
+(the invertibility predictor S_l) and ``encoders`` (the W+ and Δf encoders).
+
 ``--model`` accepts a built-in name (a directory inside ``saminv/builtin``), a model directory or a
 rosinality ``.pt`` (converted once into a cache directory, see :mod:`saminv.models.checkpoints`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,9 +26,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as save_safetensors
 
 from saminv.errors import InputError
-from saminv.imageio import file_sha256
+from saminv.imageio import atomic_write, file_sha256
 from saminv.models.stylegan2 import Generator, GeneratorConfig
 
 FORMAT = "saminv-model"
@@ -65,6 +71,7 @@ class Model:
     tau: float = DEFAULT_TAU
     meta: dict = field(default_factory=dict)
     path: Path | None = None
+    networks: dict = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -73,7 +80,23 @@ class Model:
     def to(self, device: str | torch.device) -> "Model":
         self.generator.to(device)
         self.prior = WPrior(self.prior.mean.to(device), self.prior.precision.to(device))
+        for net in self.networks.values():
+            net.to(device)
         return self
+
+    def has_network(self, kind: str) -> bool:
+        """Whether the directory holds trained ``kind`` weights ("predictor" or "encoders")."""
+        return kind in self.networks or (kind in self.meta and self.path is not None)
+
+    def network(self, kind: str) -> torch.nn.Module:
+        """The trained ``kind`` network (eval mode, gradients off), loaded on first use.
+
+        Raises InputError when the model has none or its file is broken."""
+        if kind not in self.networks:
+            if not self.has_network(kind):
+                raise InputError(f"model {self.name} has no trained {kind} (train one: saminv train {kind})")
+            self.networks[kind] = _load_network(self.path, kind, self.meta[kind]).to(self.generator.mapping.w_avg.device)
+        return self.networks[kind]
 
 
 def config_dict(model: Model) -> dict:
@@ -133,6 +156,45 @@ def load_model_dir(path: Path) -> Model:
     except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: broken model directory: {str(e).splitlines()[0]}") from None
     return Model(G.eval().requires_grad_(False), prior, float(meta.get("tau", DEFAULT_TAU)), meta, path)
+
+
+def _network_class(kind: str) -> type[torch.nn.Module]:
+    if kind == "predictor":
+        from saminv.models.predictor import InvertibilityPredictor
+
+        return InvertibilityPredictor
+    if kind == "encoders":
+        from saminv.models.encoders import SamEncoders
+
+        return SamEncoders
+    raise ValueError(f"unknown network kind {kind!r} (expected predictor or encoders)")
+
+
+def _load_network(path: Path, kind: str, entry: dict) -> torch.nn.Module:
+    file = path / f"{kind}.safetensors"
+    try:
+        if file_sha256(file) != entry["sha256"]:
+            raise ValueError("sha256 mismatch")
+        net = _network_class(kind)(**entry["init"])
+        tensors = load_file(str(file))
+        reference = net.state_dict()
+        net.load_state_dict({k: v.to(reference[k].dtype) for k, v in tensors.items() if k in reference}, strict=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+        raise InputError(f"{file}: broken {kind} weights: {str(e).splitlines()[0]}") from None
+    return net.eval().requires_grad_(False)
+
+
+def save_network(model_dir: Path, kind: str, net: torch.nn.Module, trained: dict) -> None:
+    """Add a trained network to a model directory: ``<kind>.safetensors`` (float16 weights, written to
+    a temp file and renamed) and ``config.json[kind]`` = {init, sha256, trained}. Replaces an older one."""
+    model_dir = Path(model_dir)
+    _network_class(kind)
+    blob = save_safetensors({k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous()
+                             for k, v in net.state_dict().items()})
+    meta = json.loads((model_dir / "config.json").read_text())
+    meta[kind] = {"init": net.init_kwargs(), "sha256": hashlib.sha256(blob).hexdigest(), "trained": trained}
+    atomic_write(model_dir / f"{kind}.safetensors", lambda p: p.write_bytes(blob))
+    atomic_write(model_dir / "config.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
 
 
 def builtin_names() -> list[str]:

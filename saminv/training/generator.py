@@ -22,19 +22,16 @@ written atomically every ``checkpoint_every`` steps, and every step appends one 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from saminv.models.stylegan2 import Generator, GeneratorConfig
+from saminv.training.run import TrainingRun
 from saminv.training.teacher import Z_DIM, load_teacher
 
 TEACHER_CHANNELS = (512, 256, 128, 64)  # DCGAN feature maps at 4, 8, 16, 32 px
@@ -81,18 +78,14 @@ class Discriminator(nn.Module):
         return self.head(torch.cat([h, std], dim=1)).squeeze(1)
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-class Distiller:
+class Distiller(TrainingRun):
     """State of one distillation run in ``out_dir`` (resumes from ``checkpoint.pt`` when present)."""
 
+    desc = "distil faces64"
+
     def __init__(self, out_dir: Path, cfg: DistillConfig, device: str = "cpu") -> None:
-        self.out_dir, self.cfg, self.device = Path(out_dir), cfg, torch.device(device)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        super().__init__(out_dir, cfg.checkpoint_every, device)
+        self.cfg, self.device, self.total_steps = cfg, torch.device(device), cfg.steps
         torch.manual_seed(cfg.seed)
         self.teacher = load_teacher(self.device)
         self.G = Generator(replace(FACES64, mapping_lr_mul=cfg.mapping_lr_mul)).to(self.device).train()
@@ -104,24 +97,15 @@ class Distiller:
         betas = (0.0, 0.99)
         self.opt_G = torch.optim.Adam([*self.G.parameters(), *self.hints.parameters()], lr=cfg.lr, betas=betas)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.d_lr, betas=betas)
-        self.step = 0
-        ckpt = self.out_dir / "checkpoint.pt"
-        if ckpt.is_file():
-            self._load(ckpt)
+        self.resume(self.device)
 
-    def _load(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=True)
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name).state_dict() for name in ("G", "G_ema", "D", "hints", "opt_G", "opt_D")
+                } | {"config": asdict(self.cfg)}
+
+    def load_state(self, state: dict) -> None:
         for name in ("G", "G_ema", "D", "hints", "opt_G", "opt_D"):
             getattr(self, name).load_state_dict(state[name])
-        self.step = int(state["step"])
-        torch.set_rng_state(state["rng"])
-
-    def save(self) -> None:
-        _atomic_save({"G": self.G.state_dict(), "G_ema": self.G_ema.state_dict(), "D": self.D.state_dict(),
-                      "hints": self.hints.state_dict(),
-                      "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
-                      "step": self.step, "rng": torch.get_rng_state(), "config": asdict(self.cfg)},
-                     self.out_dir / "checkpoint.pt")
 
     def train_step(self) -> dict[str, float]:
         cfg, G, D = self.cfg, self.G, self.D
@@ -146,9 +130,7 @@ class Distiller:
             adv = F.softplus(-D(fake)).mean()
             loss_G = loss_G + cfg.adv_weight * adv
             logs["g_adv"] = adv.item()
-        self.opt_G.zero_grad(set_to_none=True)
-        loss_G.backward()
-        self.opt_G.step()
+        self.optimizer_step(self.opt_G, loss_G)
         logs["pair_l1"] = pair.item()
         logs["pair_psnr"] = float(10 * math.log10(4.0 / max((fake.detach() - real).square().mean().item(), 1e-12)))
 
@@ -162,9 +144,7 @@ class Distiller:
                 r1 = grad.square().sum(dim=(1, 2, 3)).mean()
                 loss_D = loss_D + cfg.r1_gamma / 2 * r1 * cfg.r1_every
                 logs["r1"] = r1.item()
-            self.opt_D.zero_grad(set_to_none=True)
-            loss_D.backward()
-            self.opt_D.step()
+            self.optimizer_step(self.opt_D, loss_D)
             logs["d_loss"] = loss_D.item()
 
         beta = 0.5 ** (cfg.batch / (cfg.ema_kimg * 1000))
@@ -173,29 +153,7 @@ class Distiller:
                 p_ema.lerp_(p, 1 - beta)
             for b_ema, b in zip(self.G_ema.buffers(), G.buffers()):
                 b_ema.copy_(b)
-        self.step += 1
         return logs
-
-    def train(self, steps: int | None = None, progress: bool = True) -> None:
-        """Train until ``steps`` total steps (default ``cfg.steps``), checkpointing as it goes."""
-        total = steps or self.cfg.steps
-        log = open(self.out_dir / "log.jsonl", "a")
-        bar = tqdm(total=total, initial=self.step, desc="distil faces64", disable=not progress, unit="step")
-        try:
-            while self.step < total:
-                t0 = time.time()
-                logs = self.train_step()
-                logs.update(step=self.step, seconds=round(time.time() - t0, 3))
-                log.write(json.dumps(logs) + "\n")
-                bar.update(1)
-                bar.set_postfix(psnr=f"{logs['pair_psnr']:.2f}", g=f"{logs.get('g_adv', 0):.2f}",
-                                d=f"{logs.get('d_loss', 0):.2f}")
-                if self.step % self.cfg.checkpoint_every == 0 or self.step == total:
-                    log.flush()
-                    self.save()
-        finally:
-            bar.close()
-            log.close()
 
 
 def export_model(run: Distiller, out: Path) -> Path:

@@ -9,8 +9,8 @@ No large photo collection exists offline, so images come from four sources, pick
                  with flips and colour jitter;
 * ``composite``  a teacher face (soft elliptical mask, random scale and place) pasted on a real-photo crop.
 
-Real photos listed in :data:`HELD_OUT` never enter training (they are the predictor's test set, with
-LFW faces 100-199). Every item is a pure function of (its index, the seed), so shards can be generated
+The held-out real photos (:func:`saminv.photos.held_out_photos`: the astronaut, six opencv-doc photos
+and LFW faces 100-199) never enter training; they are the test set of the predictor and encoders. Every item is a pure function of (its index, the seed), so shards can be generated
 in any order, by any number of processes, and resumed.
 
 Shards ``shard_<k>.npz`` hold ``images`` uint8 [B, R, R, 3], ``reconstructions`` uint8 [B, S, R, R, 3],
@@ -21,7 +21,6 @@ inversion), ``sources`` [B] str, and ``spaces`` [S] str; ``info.json`` records t
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,13 +34,11 @@ from saminv.inversion.optimize import InversionConfig
 from saminv.inversion.sam import invert_spaces
 from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import Model
-from saminv.photos import OPENCV_DATA
+from saminv.photos import HELD_OUT_LFW, HELD_OUT_OPENCV, OPENCV_DATA
 
 SOURCES = ("teacher", "generated", "photo", "composite")
 SKIMAGE_TRAIN = ("brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass", "gravel",
                  "horse", "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "retina", "rocket", "text")
-HELD_OUT = {"skimage": ("astronaut",), "opencv": ("messi5.jpg", "butterfly.jpg", "squirrel_cls.jpg", "HappyFish.jpg",
-                                                  "smarties.png", "lena.jpg"), "lfw": tuple(range(100, 200))}
 
 
 @dataclass
@@ -55,7 +52,7 @@ class DataConfig:
 
 
 def training_photos(extra: list[np.ndarray] | None = None) -> list[np.ndarray]:
-    """The real photos training may crop from (H x W x 3 uint8), none of :data:`HELD_OUT`; ``extra``
+    """The real photos training may crop from (H x W x 3 uint8), none held out; ``extra``
     (the user's ``--images``) are added."""
     import skimage.data
 
@@ -72,14 +69,14 @@ def training_photos(extra: list[np.ndarray] | None = None) -> list[np.ndarray]:
     photos += list(load_sample_images().images)
     if OPENCV_DATA.is_dir():
         for path in sorted(OPENCV_DATA.glob("*.jpg")) + sorted(OPENCV_DATA.glob("*.png")):
-            if path.name in HELD_OUT["opencv"]:
+            if path.name in HELD_OUT_OPENCV:
                 continue
             img = Image.open(path)
             if min(img.size) >= 128:
                 photos.append(np.asarray(img.convert("RGB")))
     from skimage.data import lfw_subset
 
-    faces = (lfw_subset()[:100] * 255).round().astype(np.uint8)
+    faces = (lfw_subset()[:HELD_OUT_LFW.start] * 255).round().astype(np.uint8)
     photos += [np.repeat(f[:, :, None], 3, axis=2) for f in faces]
     return photos + list(extra or [])
 
@@ -173,11 +170,6 @@ def generate_shard(source: ImageSource, lpips: LPIPS, k: int, cfg: DataConfig, n
             "errors": inv.error_maps.permute(1, 0, 2, 3).numpy().astype(np.float16),
             "wplus": wplus.numpy().astype(np.float16), "sources": np.array([s for _, s in items]),
             "spaces": np.array(names)}
-
-
-def process_rank() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment, else (0, 1)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def generate_dataset(model: Model, out: Path, cfg: DataConfig, rank: int = 0, world: int = 1,

@@ -10,17 +10,14 @@ optimizer, step) and ``log.jsonl`` in the run directory.
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from saminv.models.efficientnet import load_backbone
 from saminv.models.predictor import InvertibilityPredictor
+from saminv.training.run import TrainingRun
 
 
 @dataclass
@@ -48,27 +45,33 @@ def load_shards(data: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return np.concatenate(images), np.concatenate(errors), spaces
 
 
-class PredictorTrainer:
+class PredictorTrainer(TrainingRun):
     """One training run in ``out_dir`` on the data set ``data`` (resumes from its checkpoint)."""
 
+    desc = "predictor"
+
     def __init__(self, data: Path, out_dir: Path, cfg: PredictorConfig, device: str = "cpu") -> None:
+        super().__init__(out_dir, cfg.checkpoint_every, device)
         self.images, self.errors, self.spaces = load_shards(data)
-        self.out_dir, self.cfg, self.device = Path(out_dir), cfg, device
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg, self.device, self.total_steps = cfg, device, cfg.steps
         torch.manual_seed(cfg.seed)
         self.net = InvertibilityPredictor(self.spaces).to(device)
-        self.net.backbone.load_state_dict(load_backbone().state_dict())
-        head_params = [p for n, p in self.net.named_parameters() if not n.startswith("backbone.")]
+        self.net.pyramid.load_pretrained()
+        backbone = list(self.net.pyramid.backbone.parameters())
+        ids = {id(p) for p in backbone}
+        head_params = [p for p in self.net.parameters() if id(p) not in ids]
         self.opt = torch.optim.Adam([{"params": head_params, "lr": cfg.lr},
-                                     {"params": self.net.backbone.parameters(), "lr": cfg.lr * cfg.backbone_lr_scale}])
-        self.step = 0
-        self.rng = np.random.default_rng(cfg.seed)
-        if (self.out_dir / "checkpoint.pt").is_file():
-            state = torch.load(self.out_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
-            self.net.load_state_dict(state["net"])
-            self.opt.load_state_dict(state["opt"])
-            self.step = int(state["step"])
-            self.rng = np.random.default_rng([cfg.seed, self.step])
+                                     {"params": backbone, "lr": cfg.lr * cfg.backbone_lr_scale}])
+        self.resume(device)
+        self.rng = np.random.default_rng([cfg.seed, self.step, self.rank])  # batches: own stream per rank and resume
+
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "spaces": self.spaces,
+                "config": asdict(self.cfg)}
+
+    def load_state(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.rng.integers(0, len(self.images), self.cfg.batch)
@@ -78,33 +81,10 @@ class PredictorTrainer:
         x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
         return x.to(self.device), y.to(self.device)
 
-    def train_step(self) -> float:
+    def train_step(self) -> dict[str, float]:
         self.net.train()
-        self.net.backbone.eval()  # frozen BatchNorm statistics
+        self.net.pyramid.backbone.eval()  # frozen BatchNorm statistics
         x, y = self.batch()
         loss = (self.net(x) - y).square().mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.step += 1
-        return loss.item()
-
-    def save(self) -> None:
-        tmp = self.out_dir / "checkpoint.pt.tmp"
-        torch.save({"net": self.net.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
-                    "spaces": self.spaces, "config": asdict(self.cfg)}, tmp)
-        tmp.replace(self.out_dir / "checkpoint.pt")
-
-    def train(self, progress: bool = True) -> None:
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="predictor", unit="step", disable=not progress)
-        with open(self.out_dir / "log.jsonl", "a") as log:
-            while self.step < self.cfg.steps:
-                t0 = time.time()
-                loss = self.train_step()
-                log.write(json.dumps({"step": self.step, "loss": loss, "seconds": round(time.time() - t0, 3)}) + "\n")
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.2e}")
-                if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
-                    log.flush()
-                    self.save()
-        bar.close()
+        self.optimizer_step(self.opt, loss)
+        return {"loss": loss.item()}

@@ -1,0 +1,147 @@
+"""Feed-forward SAM on the held-out real photos (issue: feed-forward SAM, "Done when").
+
+Four measurements, each on photos no training step saw (:func:`saminv.photos.held_out_photos`):
+
+* ``predictor``  predicted vs measured invertibility: per space, the Spearman correlation of the
+  per-segment mean errors (segments of all photos pooled; measured = single-space inversions with
+  the data set's step budget), and the share of pixels whose layer map (model's tau) agrees;
+* ``encoder``    encoder SAM (predicted masks, W+ and Δf encoders) vs the W+ encoder alone: PSNR, LPIPS;
+* ``optimize``   SAM optimization with predicted maps vs measured maps (same steps): PSNR, seconds;
+  plus hybrid mode (encoder start + joint optimization) at a few step budgets;
+* ``latency``    encoder mode, one 64 x 64 photo, the ``saminv.invert`` code path: median and p95 of
+  ``--runs`` runs after 5 warm-up runs, on the threads torch has (OMP_NUM_THREADS=2 on CI machines).
+
+    OMP_NUM_THREADS=2 python benchmarks/feedforward_faces.py [--parts predictor,encoder,optimize,latency]
+        [--lfw 9] [--optimize-photos 6] [--out docs/feedforward_bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from saminv.imageio import resize_square
+from saminv.inversion.feedforward import predicted_maps, wplus_features
+from saminv.inversion.optimize import InversionConfig
+from saminv.inversion.sam import invert_spaces, layer_map, sam_invert, segment, segment_means, to_target
+from saminv.metrics import psnr
+from saminv.models.lpips import LPIPS
+from saminv.models.model_dir import load_model
+from saminv.photos import held_out_photos
+
+
+def predictor_part(model, lpips, photos, steps: int, batch: int = 8) -> dict:
+    names = [s.name for s in model.generator.spaces]
+    measured_seg, predicted_seg, agree, pixels = [], [], 0, 0
+    for start in range(0, len(photos), batch):
+        chunk = photos[start:start + batch]
+        targets = torch.cat([to_target(img) for _, img in chunk])
+        measured = invert_spaces(model, lpips, targets, names, InversionConfig(steps=steps), progress=True).error_maps
+        predicted = predicted_maps(model, targets, names)
+        for i, (name, img) in enumerate(chunk):
+            m, p = measured[:, i].numpy(), predicted[i].numpy()
+            seg = segment(img)
+            measured_seg.append(segment_means(m, seg))
+            predicted_seg.append(segment_means(p, seg))
+            same = layer_map(m, img, model.tau) == layer_map(p, img, model.tau)
+            agree += int(same.sum())
+            pixels += same.size
+            print(f"  {name}: layer maps agree on {same.mean():.1%}")
+    measured_all, predicted_all = np.concatenate(measured_seg, axis=1), np.concatenate(predicted_seg, axis=1)
+    return {"photos": len(photos), "segments": int(measured_all.shape[1]), "measure_steps": steps, "tau": model.tau,
+            "spearman": {n: float(spearmanr(measured_all[s], predicted_all[s]).statistic) for s, n in enumerate(names)},
+            "layer_map_agreement": agree / pixels}
+
+
+def encoder_part(model, lpips, photos) -> dict:
+    rows = []
+    for name, img in photos:
+        target = to_target(img)
+        with torch.no_grad():
+            wplus_only, _ = wplus_features(model, model.network("encoders").wplus(target))
+        sam = sam_invert(model, lpips, img, mode="encoder")
+        rows.append({"photo": name, "wplus_psnr": psnr(wplus_only, target).item(),
+                     "wplus_lpips": lpips(wplus_only, target).item(), "sam_psnr": sam.metrics["psnr"],
+                     "sam_lpips": sam.metrics["lpips"], "space_share": sam.metrics["space_share"]})
+        print(f"  {name}: W+ encoder {rows[-1]['wplus_psnr']:.2f} dB -> encoder SAM {rows[-1]['sam_psnr']:.2f} dB")
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in ("wplus_psnr", "wplus_lpips", "sam_psnr", "sam_lpips")}
+    return {"mean": mean, "gain_db": mean["sam_psnr"] - mean["wplus_psnr"], "rows": rows}
+
+
+def optimize_part(model, lpips, photos, steps: int, hybrid_steps: list[int]) -> dict:
+    rows = []
+    for name, img in photos:
+        row = {"photo": name}
+        for label, kwargs in [("measured", {"mode": "optimize", "maps": "measured", "cfg": InversionConfig(steps=steps)}),
+                              ("predicted", {"mode": "optimize", "maps": "predicted", "cfg": InversionConfig(steps=steps)}),
+                              *[(f"hybrid_{n}", {"mode": "hybrid", "cfg": InversionConfig(steps=n)}) for n in hybrid_steps]]:
+            torch.manual_seed(0)
+            r = sam_invert(model, lpips, img, **kwargs)
+            row[label] = {"psnr": r.metrics["psnr"], "lpips": r.metrics["lpips"], "seconds": r.metrics["seconds"]}
+        print(f"  {name}: " + ", ".join(f"{k} {v['psnr']:.2f} dB {v['seconds']:.0f} s" for k, v in row.items() if k != "photo"))
+        rows.append(row)
+    labels = [k for k in rows[0] if k != "photo"]
+    mean = {k: {m: float(np.mean([r[k][m] for r in rows])) for m in ("psnr", "lpips", "seconds")} for k in labels}
+    return {"steps": steps, "mean": mean, "predicted_minus_measured_db": mean["predicted"]["psnr"] - mean["measured"]["psnr"],
+            "rows": rows}
+
+
+def latency_part(model, lpips, image: np.ndarray, runs: int) -> dict:
+    times = []
+    for i in range(5 + runs):
+        t0 = time.perf_counter()
+        sam_invert(model, lpips, image, mode="encoder")
+        if i >= 5:
+            times.append(1000 * (time.perf_counter() - t0))
+    return {"runs": runs, "threads": torch.get_num_threads(), "median_ms": float(np.median(times)),
+            "p95_ms": float(np.percentile(times, 95))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="faces64")
+    ap.add_argument("--parts", default="predictor,encoder,optimize,latency")
+    ap.add_argument("--lfw", type=int, default=9, help="Held-out LFW faces to include (of 100).")
+    ap.add_argument("--measure-steps", type=int, default=100, help="Steps of the single-space inversions that measure maps.")
+    ap.add_argument("--steps", type=int, default=InversionConfig.steps, help="Optimization steps of optimize mode.")
+    ap.add_argument("--hybrid-steps", default="25,50,100")
+    ap.add_argument("--optimize-photos", type=int, default=6)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    model = load_model(args.model)
+    lpips = LPIPS()
+    r = model.generator.cfg.resolution
+    photos = [(name, resize_square(img, r)) for name, img in held_out_photos(args.lfw)]
+    parts = args.parts.split(",")
+    result = {"model": model.name, "photos": [n for n, _ in photos]}
+    if "predictor" in parts:
+        print("predictor: predicted vs measured invertibility maps")
+        result["predictor"] = predictor_part(model, lpips, photos, args.measure_steps)
+        print(json.dumps({k: v for k, v in result["predictor"].items()}, indent=1))
+    if "encoder" in parts:
+        print("encoder SAM vs W+ encoder")
+        result["encoder"] = encoder_part(model, lpips, photos)
+        print(json.dumps(result["encoder"]["mean"]), f"gain {result['encoder']['gain_db']:+.2f} dB")
+    if "optimize" in parts:
+        print("optimize mode: predicted vs measured maps; hybrid")
+        hybrid = [int(n) for n in args.hybrid_steps.split(",") if n]
+        result["optimize"] = optimize_part(model, lpips, photos[:args.optimize_photos], args.steps, hybrid)
+        print(json.dumps(result["optimize"]["mean"], indent=1))
+    if "latency" in parts:
+        result["latency"] = latency_part(model, lpips, photos[0][1], args.runs)
+        print(f"encoder mode: median {result['latency']['median_ms']:.1f} ms, p95 {result['latency']['p95_ms']:.1f} ms "
+              f"({result['latency']['threads']} threads)")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Feed-forward SAM: invertibility maps from the predictor S_l and codes from the encoders.
+
+* :func:`predicted_maps`: one forward pass of the model's invertibility predictor (paper Eq. 2) gives
+  the per-space error maps that the optimization path measures by inverting in every space.
+* :func:`wplus_features`: render w+ and keep the generator's F_k features (what the Δf encoders read).
+* :func:`encode`: phi = {w+, Δf_k} in one pass: the W+ encoder, the W+ reconstruction, then each
+  masked F_k's Δf encoder; the composed image is paper Eq. 3-4 (``Codes.render``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from saminv.errors import InputError
+from saminv.inversion.optimize import Codes
+from saminv.models.model_dir import Model
+from saminv.models.stylegan2 import NoiseMode
+
+
+@torch.no_grad()
+def predicted_maps(model: Model, images: Tensor, names: list[str]) -> Tensor:
+    """Predicted LPIPS error maps [N, S, R, R] (>= 0) of images [N, 3, R, R] in [-1, 1] for the spaces
+    ``names``. Raises InputError when the model has no predictor or the predictor lacks a space."""
+    net = model.network("predictor")
+    missing = [n for n in names if n not in net.spaces]
+    if missing:
+        raise InputError(f"the predictor of {model.name} has no map for {', '.join(missing)} (it has {net.spaces})")
+    maps = net(images)
+    return maps[:, [net.spaces.index(n) for n in names]]
+
+
+def wplus_features(model: Model, wplus: Tensor, noise_mode: NoiseMode = "const") -> tuple[Tensor, dict[int, Tensor]]:
+    """Render w+ [N, n_latent, w_dim]: (image [N, 3, R, R], {k: F_k features [N, C_k, r_k, r_k]})."""
+    features: dict[int, Tensor] = {}
+
+    def keep(k: int, x: Tensor, skip: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        features[k] = x
+        return x, skip
+
+    _, image = model.generator.synthesis.run(wplus, noise_mode=noise_mode, hook=keep)
+    return image, features
+
+
+def encode(model: Model, images: Tensor, masks: dict[int, Tensor], noise_mode: NoiseMode = "const") -> Codes:
+    """Feed-forward codes of images [N, 3, R, R] in [-1, 1]: w+ from the W+ encoder and Δf_k from the F_k
+    encoders for every k in ``masks`` ({k: [N or 1, 1, r_k, r_k]}). Raises InputError without encoders."""
+    nets = model.network("encoders")
+    wplus = nets.wplus(images)
+    reconstruction, features = wplus_features(model, wplus, noise_mode)
+    deltas = {k: nets.deltas[f"F{k}"](images, reconstruction, features[k]) for k in masks}
+    n = images.shape[0]
+    return Codes(wplus, deltas, {k: m.expand(n, -1, -1, -1) for k, m in masks.items()})

@@ -1,0 +1,177 @@
+"""Feed-forward SAM: encoders, trained networks in the model directory, encoder training, and every
+inversion mode on a real photo."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from saminv.cli import app
+from saminv.errors import InputError
+from saminv.imageio import resize_square
+from saminv.inversion.feedforward import encode, predicted_maps, wplus_features
+from saminv.inversion.optimize import InversionConfig
+from saminv.inversion.sam import layer_map, sam_invert, space_masks, to_target
+from saminv.metrics import psnr
+from saminv.models.encoders import SamEncoders
+from saminv.models.lpips import LPIPS
+from saminv.models.model_dir import load_model, save_network
+from saminv.models.predictor import InvertibilityPredictor
+from saminv.photos import face_photo
+from saminv.training.encoders import EncoderConfig, EncoderTrainer
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def face():
+    return resize_square(face_photo("astronaut"), 64)
+
+
+@pytest.fixture(scope="module")
+def lpips():
+    return LPIPS()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A copy of faces64 with briefly trained encoders (W+ and Δf stages) and an untrained predictor."""
+    base = load_model("faces64")
+    model_dir = tmp_path_factory.mktemp("model") / "faces64"
+    model_dir.mkdir()
+    for name in ("config.json", "weights.safetensors"):
+        shutil.copy(base.path / name, model_dir / name)
+    config = json.loads((model_dir / "config.json").read_text())
+    for kind in ("predictor", "encoders"):
+        config.pop(kind, None)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    run = EncoderTrainer(base, tmp_path_factory.mktemp("run"),
+                         EncoderConfig(wplus_steps=12, delta_steps=8, batch=4, generated=2, checkpoint_every=10))
+    run.train(progress=False)
+    save_network(model_dir, "encoders", run.net, run.record())
+    save_network(model_dir, "predictor", InvertibilityPredictor([s.name for s in base.generator.spaces]), {"steps": 0})
+    return load_model(model_dir), run
+
+
+def test_untrained_encoders_start_at_w_avg_and_zero_delta(face):
+    model = load_model("faces64")
+    G = model.generator
+    nets = SamEncoders.for_generator(G).eval()
+    model.networks["encoders"] = nets
+    target = to_target(face)
+    with torch.no_grad():
+        masks = {k: torch.ones(1, 1, s.shape[1], s.shape[2]) for k, s in ((2 * s.block, s) for s in G.spaces if s.block is not None)}
+        codes = encode(model, target, masks)
+        mean_face = G.synthesis(G.broadcast(G.mapping.w_avg[None]))
+        assert psnr(codes.render(model), mean_face).item() > 30  # offsets start near zero
+        assert all(torch.equal(d, torch.zeros_like(d)) for d in codes.deltas.values())
+        reconstruction, features = wplus_features(model, codes.wplus)
+        assert torch.equal(codes.render(model), reconstruction)
+    assert {k: f.shape[1:] for k, f in features.items()} == {2 * s.block: s.shape for s in G.spaces if s.block is not None}
+
+
+def test_networks_live_in_the_model_directory(trained, face):
+    model, run = trained
+    target = to_target(face)
+    with torch.no_grad():
+        ours = model.network("encoders").wplus(target)
+        reference = run.net.eval().wplus(target)
+    assert (ours - reference).abs().max() < 2e-2  # float16 storage
+    entry = json.loads((model.path / "config.json").read_text())["encoders"]
+    assert entry["trained"]["steps"] == 20 and entry["init"]["resolution"] == 64
+    assert not load_model("faces64").has_network("unknown")
+
+
+def test_broken_or_missing_networks_are_one_line(trained, tmp_path):
+    model, _ = trained
+    broken = tmp_path / "broken"
+    shutil.copytree(model.path, broken)
+    (broken / "predictor.safetensors").write_bytes(b"not weights")
+    with pytest.raises(InputError, match="broken predictor weights: sha256 mismatch"):
+        load_model(broken).network("predictor")
+    config = json.loads((broken / "config.json").read_text())
+    del config["encoders"]
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="has no trained encoders"):
+        load_model(broken).network("encoders")
+    photo = tmp_path / "face.png"
+    Image.fromarray(face_photo("astronaut")).save(photo)
+    res = runner.invoke(app, ["invert", str(photo), "--model", str(broken), "--mode", "encoder", "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "has no trained encoders" in res.output and "Traceback" not in res.output
+
+
+def test_encoder_training_learns_both_stages(trained):
+    _, run = trained
+    log = [json.loads(line) for line in (run.out_dir / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == list(range(1, 21))
+    wplus_stage, delta_stage = log[:12], log[12:]
+    assert "latent" in wplus_stage[0] and "psnr_wplus" in delta_stage[0]
+    assert sum(e["reconstruction"] for e in wplus_stage[-4:]) < sum(e["reconstruction"] for e in wplus_stage[:4])
+    gain = [e["psnr"] - e["psnr_wplus"] for e in delta_stage]  # Δf starts at 0: composed = W+ reconstruction
+    assert gain[0] == 0 and sum(gain[-4:]) > max(sum(gain[:4]), 0.1)
+
+
+def test_resumed_encoder_run_continues(trained):
+    _, run = trained
+    resumed = EncoderTrainer(run.model, run.out_dir, run.cfg)
+    assert resumed.step == 20 and resumed.stage == "delta"
+    for a, b in zip(resumed.net.state_dict().values(), run.net.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_every_mode_on_a_real_photo(trained, lpips, face):
+    model, _ = trained
+    cfg = InversionConfig(steps=20)
+    encoder = sam_invert(model, lpips, face, mode="encoder")
+    assert encoder.single is None and encoder.metrics["maps"] == "predicted" and encoder.metrics["mode"] == "encoder"
+    target = to_target(face)
+    with torch.no_grad():
+        maps = predicted_maps(model, target, encoder.names)[0].numpy()
+        labels = layer_map(maps, face, model.tau)
+        again = encode(model, target, space_masks(model, labels, encoder.names)).render(model)
+    assert (encoder.labels == labels).all() and torch.allclose(again[0], encoder.image, atol=1e-5)
+
+    hybrid = sam_invert(model, lpips, face, mode="hybrid", cfg=cfg)
+    assert hybrid.metrics["psnr"] > encoder.metrics["psnr"] + 0.5  # optimization refines the encoder's codes
+    predicted = sam_invert(model, lpips, face, mode="optimize", cfg=cfg)
+    measured = sam_invert(model, lpips, face, mode="optimize", maps="measured", cfg=cfg)
+    assert predicted.single is None and measured.single is not None
+    assert min(predicted.metrics["psnr"], measured.metrics["psnr"]) > encoder.metrics["psnr"]
+    assert predicted.metrics["seconds"] < measured.metrics["seconds"]  # no per-space inversions
+
+
+def test_modes_need_their_networks(face, lpips):
+    bare = load_model("faces64")
+    bare.meta.pop("encoders", None)
+    bare.meta.pop("predictor", None)
+    with pytest.raises(InputError, match="no trained encoders"):
+        sam_invert(bare, lpips, face, mode="encoder", maps="measured", cfg=InversionConfig(steps=1))
+    with pytest.raises(InputError, match="no trained predictor"):
+        sam_invert(bare, lpips, face, mode="optimize", maps="predicted", cfg=InversionConfig(steps=1))
+
+
+def test_training_runs_data_parallel_under_torchrun(tmp_path):
+    """Two CPU processes (gloo): one log, one checkpoint, and both ranks end with the same weights."""
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        "import os, torch\n"
+        "from saminv.models.model_dir import load_model\n"
+        "from saminv.training.encoders import EncoderConfig, EncoderTrainer\n"
+        f"run = EncoderTrainer(load_model('faces64'), r'{tmp_path / 'run'}',"
+        " EncoderConfig(wplus_steps=2, delta_steps=1, batch=2, generated=1))\n"
+        "run.train(progress=False)\n"
+        "flat = torch.cat([p.detach().flatten() for p in run.net.parameters()])\n"
+        f"torch.save(flat, r'{tmp_path}/rank%s.pt' % os.environ['RANK'])\n")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+                         capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 3
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert torch.equal(rank0, rank1)
