@@ -50,7 +50,7 @@ def inverted(model, name: str, cache: Path) -> tuple[np.ndarray, SavedCodes]:
         torch.manual_seed(0)
         r = sam_invert(model, LPIPS(), image, progress=True, mode="optimize", maps="measured")
         cache.mkdir(parents=True, exist_ok=True)
-        save_codes(path, r.codes, r.labels, r.names, model, r.metrics["tau"])
+        save_codes(path, r.codes, r.labels, r.names, model.name, r.metrics["tau"])
     return image, load_codes(path)
 
 

@@ -29,7 +29,8 @@ from scipy.stats import spearmanr
 from saminv.imageio import resize_square
 from saminv.inversion.feedforward import predicted_maps, wplus_features
 from saminv.inversion.optimize import InversionConfig
-from saminv.inversion.sam import invert_spaces, layer_map, sam_invert, segment, segment_means, to_target
+from saminv.inversion.sam import invert_spaces, sam_invert, to_target
+from saminv.inversion.selection import layer_map, segment, segment_means
 from saminv.metrics import psnr
 from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import load_model

@@ -157,22 +157,31 @@ def invert(paths: list[Path] = typer.Argument(..., help="Images or directories o
                                                  "(invert in every space), or auto: predicted when the model has a predictor."),
            ) -> None:
     """Invert photos with SAM: reconstruction, layer map, side-by-side, codes, metrics."""
-    if bundle is not None:
-        from saminv.runtime import Runtime
-
-        Runtime(bundle).invert(paths[0])
     import torch
     from tqdm import tqdm
 
     from saminv.imageio import collect_images, load_image, unique_dir
     from saminv.inversion.optimize import InversionConfig
-    from saminv.inversion.sam import sam_invert
+    from saminv.inversion.sam import MAPS, MODES, sam_invert
     from saminv.models.lpips import LPIPS
     from saminv.models.model_dir import load_model
     from saminv.outputs import write_inversion
 
     torch.manual_seed(seed)
     dev = pick_device(device)
+    if tau is not None and not 0 <= tau:
+        raise InputError("--tau must be >= 0")
+    if mode not in ("auto", *MODES) or maps not in ("auto", *MAPS):
+        raise InputError(f"--mode must be auto or one of {', '.join(MODES)}; --maps auto or one of {', '.join(MAPS)}")
+    if bundle is not None and (edits or mode not in ("auto", "encoder") or maps not in ("auto", "predicted") or spaces):
+        raise InputError("--bundle inverts feed-forward (encoder mode, predicted maps, all spaces) without --edits")
+    if bundle is not None:  # a bad bundle fails before any image is read
+        from saminv.runtime import Runtime
+
+        runtime = Runtime(bundle)
+        runtime.require_inversion_networks()
+        if tau is not None:
+            runtime.tau = tau
     files, failures = [], []
     for p in paths:  # a missing path or an empty directory fails alone; the others still run
         try:
@@ -182,22 +191,26 @@ def invert(paths: list[Path] = typer.Argument(..., help="Images or directories o
             typer.echo(f"error: {e}", err=True)
     if not files:
         raise InputError(failures[0] if len(failures) == 1 else "no images to invert")
-    m = load_model(model, dev)
-    names = parse_spaces(spaces, [s.name for s in m.generator.spaces])
-    if tau is not None and not 0 <= tau:
-        raise InputError("--tau must be >= 0")
-    from saminv.inversion.sam import MAPS, MODES
-
-    if mode not in ("auto", *MODES) or maps not in ("auto", *MAPS):
-        raise InputError(f"--mode must be auto or one of {', '.join(MODES)}; --maps auto or one of {', '.join(MAPS)}")
     lpips = LPIPS().to(dev)
-    cfg = InversionConfig(steps=steps)
+    if bundle is not None:
+        model_name, resolution = runtime.bundle.manifest["model"], runtime.resolution
+
+        def invert_one(image):
+            return _runtime_result(runtime, image, lpips)
+    else:
+        m = load_model(model, dev)
+        model_name, resolution = m.name, m.generator.cfg.resolution
+        names = parse_spaces(spaces, [s.name for s in m.generator.spaces])
+        cfg = InversionConfig(steps=steps)
+
+        def invert_one(image):
+            return sam_invert(m, lpips, image, tau=tau, names=names, cfg=cfg, n_segments=segments, progress=True,
+                              mode=None if mode == "auto" else mode, maps=None if maps == "auto" else maps)
     inverted = 0
     for path in tqdm(files, desc="images", unit="img", disable=len(files) < 2):
         try:
-            image = load_image(path, m.generator.cfg.resolution)
-            result = sam_invert(m, lpips, image, tau=tau, names=names, cfg=cfg, n_segments=segments, progress=True,
-                                mode=None if mode == "auto" else mode, maps=None if maps == "auto" else maps)
+            image = load_image(path, resolution)
+            result = invert_one(image)
             target_dir = unique_dir(out / path.stem)
             grid = None
             if edits:
@@ -205,7 +218,7 @@ def invert(paths: list[Path] = typer.Argument(..., help="Images or directories o
                 from saminv.outputs import edit_grid_image
 
                 grid = edit_grid_image(ganspace_grid_rows(m, result.codes, edits), GRID_STRENGTHS)
-            write_inversion(target_dir, image, result, m, grid)
+            write_inversion(target_dir, image, result, model_name, grid)
             inverted += 1
             mt = result.metrics
             share = ", ".join(f"{k} {v:.0%}" for k, v in mt["space_share"].items() if v > 0)
@@ -219,6 +232,37 @@ def invert(paths: list[Path] = typer.Argument(..., help="Images or directories o
         for f in failures:
             typer.echo(f"  {f}", err=True)
         raise typer.Exit(1)
+
+
+def _runtime_result(runtime, image, lpips):
+    """Invert one R x R x 3 uint8 image with the torch-free runtime and wrap the result as a SamResult
+    (masks area-resized to each F_k) so that the CLI writes the same outputs as for the torch path."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from saminv.imageio import to_tensor_range
+    from saminv.inversion.optimize import Codes
+    from saminv.inversion.sam import SamResult
+    from saminv.metrics import psnr
+
+    t0 = time.time()
+    inv = runtime.invert(image)
+    seconds = time.time() - t0
+    names, labels = inv.codes.names, torch.from_numpy(inv.codes.labels[0])
+    deltas, masks = {}, {}
+    for name, delta in inv.codes.deltas.items():
+        size = delta.shape[-1]
+        deltas[int(name[1:])] = torch.from_numpy(delta)
+        masks[int(name[1:])] = F.interpolate((labels == names.index(name)).float()[None, None], size=(size, size), mode="area")
+    recon, target = torch.from_numpy(to_tensor_range(inv.image)), torch.from_numpy(to_tensor_range(image))
+    metrics = {"psnr": psnr(recon, target).item(), "lpips": lpips(recon, target).item(), "tau": runtime.tau,
+               "mode": "encoder", "maps": "predicted", "backend": "onnxruntime",
+               "space_share": {n: float((inv.codes.labels == i).mean()) for i, n in enumerate(names)},
+               "seconds": round(seconds, 3)}
+    return SamResult(recon[0], Codes(torch.from_numpy(inv.codes.wplus), deltas, masks), inv.codes.labels[0], names,
+                     None, metrics)
 
 
 @app.command()

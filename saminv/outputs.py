@@ -54,14 +54,15 @@ class SavedCodes:
     tau: float
 
 
-def save_codes(path: Path, codes: Codes, labels: np.ndarray, names: list[str], model: Model, tau: float) -> None:
-    """Write codes of one image with its layer map to a .safetensors file (atomically)."""
+def save_codes(path: Path, codes: Codes, labels: np.ndarray, names: list[str], model_name: str, tau: float) -> None:
+    """Write codes of one image with its layer map to a .safetensors file (atomically); ``model_name``
+    says which model (or bundle's model) they belong to."""
     tensors = {"wplus": codes.wplus, "labels": torch.as_tensor(np.asarray(labels, dtype=np.int64))}
     for k in codes.deltas:
         tensors[f"delta.F{k}"] = codes.deltas[k]
         tensors[f"mask.F{k}"] = codes.masks[k]
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    meta = {"model": model.name, "spaces": json.dumps(names), "tau": str(tau)}
+    meta = {"model": model_name, "spaces": json.dumps(names), "tau": str(tau)}
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
@@ -99,14 +100,14 @@ def write_dir(out_dir: Path, fill: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_inversion(out_dir: Path, image: np.ndarray, result: SamResult, model: Model,
+def write_inversion(out_dir: Path, image: np.ndarray, result: SamResult, model_name: str,
                     edit_grid: np.ndarray | None = None) -> None:
     """Write the outputs of one inverted image as a new directory ``out_dir`` (see the module doc).
     ``edit_grid``: an optional H x W x 3 uint8 picture appended below the side-by-side."""
-    write_dir(out_dir, lambda tmp: _write_inversion_files(tmp, image, result, model, edit_grid))
+    write_dir(out_dir, lambda tmp: _write_inversion_files(tmp, image, result, model_name, edit_grid))
 
 
-def _write_inversion_files(out_dir: Path, image: np.ndarray, result: SamResult, model: Model,
+def _write_inversion_files(out_dir: Path, image: np.ndarray, result: SamResult, model_name: str,
                            edit_grid: np.ndarray | None) -> None:
     recon = from_tensor_range(result.image.cpu().numpy())
     shares = [result.metrics["space_share"][n] for n in result.names]
@@ -120,8 +121,8 @@ def _write_inversion_files(out_dir: Path, image: np.ndarray, result: SamResult, 
     if edit_grid is not None:
         panel = stack_rows([panel, edit_grid])
     save_png(out_dir / "side_by_side.png", panel)
-    save_codes(out_dir / "codes.safetensors", result.codes, result.labels, result.names, model, result.metrics["tau"])
-    save_json(out_dir / "metrics.json", {"model": model.name, **result.metrics})
+    save_codes(out_dir / "codes.safetensors", result.codes, result.labels, result.names, model_name, result.metrics["tau"])
+    save_json(out_dir / "metrics.json", {"model": model_name, **result.metrics})
 
 
 def stack_rows(pictures: list[np.ndarray], gap: int = 8) -> np.ndarray:
@@ -161,7 +162,7 @@ def write_edit(out_dir: Path, images: np.ndarray, strengths: list[float], saved:
             atomic_write(tmp / "edit.gif", lambda p: frames[0].save(p, format="GIF", save_all=True,
                                                                     append_images=frames[1:], duration=120, loop=0))
         atomic_write(tmp / "direction.npy", lambda p: np.save(p, direction_vector.astype(np.float32)))
-        save_codes(tmp / "codes.safetensors", saved.codes, saved.labels, saved.names, model, saved.tau)
+        save_codes(tmp / "codes.safetensors", saved.codes, saved.labels, saved.names, model.name, saved.tau)
         save_json(tmp / "edit.json", {**info, "strengths": strengths, "images": names})
 
     write_dir(out_dir, fill)

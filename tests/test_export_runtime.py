@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 import saminv
 from saminv.cli import app
 from saminv.export.onnx_bundle import export_bundle
-from saminv.imageio import resize_square
+from saminv.imageio import images_to_uint8, resize_square
 from saminv.inversion.optimize import Codes, InversionConfig
-from saminv.inversion.sam import invert_spaces, space_masks, to_target
+from saminv.inversion.sam import invert_spaces, sam_invert, space_masks, to_target
 from saminv.metrics import psnr
 from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import load_model
@@ -58,7 +58,7 @@ def codes_file(model, tmp_path_factory):
     codes = Codes(codes.wplus, {k: 0.2 * torch.randn(1, *model.generator.space(f"F{k}").shape, generator=g)
                                 for k in masks}, masks)
     path = tmp_path_factory.mktemp("codes") / "codes.safetensors"
-    save_codes(path, codes, labels, NAMES, model, model.tau)
+    save_codes(path, codes, labels, NAMES, model.name, model.tau)
     return path, codes
 
 
@@ -172,7 +172,7 @@ def test_cli_export_refuses_existing_output_and_bundle_without_encoders_says_so(
     photo = tmp_path / "a.png"
     Image.fromarray(face_photo("astronaut")).save(photo)
     res = runner.invoke(app, ["invert", "--bundle", str(bundle), str(photo)])
-    assert res.exit_code == 2 and "no invertibility predictor" in res.output
+    assert res.exit_code == 2 and "no predictor or encoder_wplus" in res.output
     assert open_bundle(bundle).manifest["model"] == "faces64"
 
 
@@ -189,3 +189,52 @@ def test_bench_reports_every_backend(tmp_path):
         assert r["end_to_end"]["median_ms"] > 0 and set(r["stages"]) == {"mapping", "F2", "F4", "F6", "F8"}
         assert set(r["throughput_img_s"]) == {"1", "2"} and r["peak_rss_mb"] > 10
     assert "faces64 | onnxruntime" in format_table(report)
+
+
+@pytest.fixture(scope="module")
+def network_bundle(trained, tmp_path_factory):
+    model, _ = trained
+    out = tmp_path_factory.mktemp("bn") / "networks"
+    export_bundle(model, out, log=lambda s: None)
+    return out
+
+
+def test_bundle_carries_the_feed_forward_networks(network_bundle):
+    manifest = json.loads((network_bundle / "manifest.json").read_text())
+    assert [n["name"] for n in manifest["networks"]] == ["predictor", "encoder_wplus", "encoder_F2", "encoder_F4",
+                                                         "encoder_F6", "encoder_F8"]
+    assert all(n["max_abs_diff_vs_torch"] <= 1e-4 for n in manifest["networks"])
+    assert manifest["networks"][0]["outputs"]["maps"] == ["N", 5, 64, 64]
+    assert manifest["networks"][3]["inputs"]["features"] == ["N", 128, 16, 16]
+
+
+def test_runtime_inverts_a_photo_like_torch(network_bundle, trained, tmp_path):
+    model, _ = trained
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(face_photo("astronaut")).save(photo)
+    got = Runtime(network_bundle).invert(photo)
+    image = resize_square(face_photo("astronaut"), 64)
+    want = sam_invert(model, LPIPS(), image, mode="encoder")
+    assert got.codes.names == want.names and got.maps.shape == (5, 64, 64)
+    assert (got.codes.labels[0] == want.labels).mean() >= 0.99
+    if (got.codes.labels[0] == want.labels).all():
+        assert np.abs(got.image.astype(int) - images_to_uint8(want.image[None].numpy())[0]).max() <= 1
+    res = runner.invoke(app, ["invert", str(photo), "--bundle", str(network_bundle), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "out" / "astronaut"
+    assert {"reconstruction.png", "layer_map.png", "side_by_side.png", "codes.safetensors", "metrics.json"} <= \
+        {p.name for p in out.iterdir()}
+    assert json.loads((out / "metrics.json").read_text())["backend"] == "onnxruntime"
+    script = f"""
+import sys
+from saminv.runtime import Runtime
+inv = Runtime({str(network_bundle)!r}).invert({str(photo)!r})
+assert inv.image.shape == (64, 64, 3)
+assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
+"""
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_bundle_without_networks_cannot_invert(bundle):
+    with pytest.raises(BundleError, match="no predictor or encoder_wplus"):
+        Runtime(bundle).invert(np.zeros((64, 64, 3), np.uint8))

@@ -16,14 +16,14 @@ from saminv.errors import InputError
 from saminv.imageio import resize_square
 from saminv.inversion.feedforward import encode, predicted_maps, wplus_features
 from saminv.inversion.optimize import InversionConfig
-from saminv.inversion.sam import layer_map, sam_invert, space_masks, to_target
+from saminv.inversion.sam import sam_invert, space_masks, to_target
+from saminv.inversion.selection import layer_map
 from saminv.metrics import psnr
 from saminv.models.encoders import SamEncoders
 from saminv.models.lpips import LPIPS
-from saminv.models.model_dir import load_model, save_network
-from saminv.models.predictor import InvertibilityPredictor
+from saminv.models.model_dir import load_model
 from saminv.photos import face_photo
-from saminv.training.encoders import EncoderConfig, EncoderTrainer
+from saminv.training.encoders import EncoderTrainer
 
 runner = CliRunner()
 
@@ -36,27 +36,6 @@ def face():
 @pytest.fixture(scope="module")
 def lpips():
     return LPIPS()
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A copy of faces64 with briefly trained encoders (W+ and Δf stages) and an untrained predictor."""
-    base = load_model("faces64")
-    model_dir = tmp_path_factory.mktemp("model") / "faces64"
-    model_dir.mkdir()
-    for name in ("config.json", "weights.safetensors"):
-        shutil.copy(base.path / name, model_dir / name)
-    config = json.loads((model_dir / "config.json").read_text())
-    for kind in ("predictor", "encoders"):
-        config.pop(kind, None)
-    (model_dir / "config.json").write_text(json.dumps(config))
-    torch.manual_seed(0)
-    run = EncoderTrainer(base, tmp_path_factory.mktemp("run"),
-                         EncoderConfig(wplus_steps=12, delta_steps=8, batch=4, generated=2, checkpoint_every=10))
-    run.train(progress=False)
-    save_network(model_dir, "encoders", run.net, run.record())
-    save_network(model_dir, "predictor", InvertibilityPredictor([s.name for s in base.generator.spaces]), {"steps": 0})
-    return load_model(model_dir), run
 
 
 def test_untrained_encoders_start_at_w_avg_and_zero_delta(face):

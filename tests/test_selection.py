@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from skimage.data import astronaut
 
 from saminv.inversion.optimize import projector_lr
-from saminv.inversion.sam import segment, segment_means, select_spaces, space_index, space_masks
+from saminv.inversion.sam import space_index, space_masks
+from saminv.inversion.selection import segment, segment_means, select_spaces
 
 
 def test_rule_takes_the_most_editable_space_under_tau():

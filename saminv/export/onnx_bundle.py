@@ -8,7 +8,13 @@ Bundle layout (read by :mod:`saminv.runtime`, which never imports torch)::
     mapping.onnx         z [N, z_dim] -> w [N, w_dim]
     F<k>.onnx            synthesis stage ending at latent space F_k (masked residual + editing blend)
     tail.onnx            the blocks after the last space -> image (when there are any)
+    predictor.onnx       image [N, 3, R, R] -> invertibility maps [N, S, R, R]   (when the model has one)
+    encoder_wplus.onnx   image -> w+ [N, n_latent, w_dim]                         (when the model has encoders)
+    encoder_F<k>.onnx    (image, W+ reconstruction, F_k features) -> delta_f_k    (idem)
     directions.npz       the model's direction library (vectors [n_latent, w_dim]; layers in the manifest)
+
+The synthesis stages are listed under ``stages``, the feed-forward networks under ``networks`` (these
+stay float32 in an --fp16 bundle: they are small, and the masks they lead to are thresholded).
 
 Every stage has a dynamic batch dimension (1 .. --max-batch). Each file is checked with
 ``onnx.checker`` and run with ONNX Runtime against the torch stage on random inputs (max abs
@@ -18,6 +24,7 @@ image (PSNR). The bundle directory appears whole (temp dir + rename).
 
 from __future__ import annotations
 
+import inspect
 import json
 import platform
 import warnings
@@ -31,6 +38,7 @@ from torch import nn
 from saminv.editing.directions import load_library
 from saminv.export.stages import MappingStage, StagePlan, SynthesisStage, output_names, plan_stages, stage_inputs
 from saminv.imageio import atomic_write, file_sha256
+from saminv.inversion.feedforward import wplus_features
 from saminv.models.model_dir import Model
 from saminv.outputs import write_dir
 from saminv.runtime.runtime import run_synthesis
@@ -45,10 +53,14 @@ FP16_MIN_PSNR = 40.0
 def _export(module: nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str], path: Path, opset: int,
             max_batch: int) -> None:
     batch = torch.export.Dim("batch", min=1, max=max_batch)
+    specs = tuple({0: batch} for _ in inputs)
+    first = next(iter(inspect.signature(module.forward).parameters.values()))
+    if first.kind == inspect.Parameter.VAR_POSITIONAL:  # forward(*inputs): one spec for the tuple
+        specs = (specs,)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module.eval(), tuple(inputs.values()), input_names=list(inputs),
-                                    output_names=outputs, dynamic_shapes=(tuple({0: batch} for _ in inputs),),
+                                    output_names=outputs, dynamic_shapes=specs,
                                     dynamo=True, opset_version=opset, verbose=False)
     program.save(str(path))
 
@@ -101,6 +113,27 @@ def _fp16_image_psnr(model: Model, stages: list[dict], paths: dict[str, Path], n
     return float(10 * np.log10(4.0 / max(mse, 1e-20)))
 
 
+def network_exports(model: Model) -> list[tuple[str, nn.Module, dict[str, torch.Tensor], list[str]]]:
+    """The model's trained feed-forward networks as (name, module, example inputs, output names)."""
+    G = model.generator
+    r = G.cfg.resolution
+    g = torch.Generator().manual_seed(2)
+    image = (torch.rand(2, 3, r, r, generator=g) * 2 - 1)
+    out = []
+    if model.has_network("predictor"):
+        out.append(("predictor", model.network("predictor").cpu(), {"image": image}, ["maps"]))
+    if model.has_network("encoders"):
+        nets = model.network("encoders").cpu()
+        out.append(("encoder_wplus", nets.wplus, {"image": image}, ["wplus"]))
+        with torch.no_grad():
+            reconstruction, features = wplus_features(model, nets.wplus(image))
+        for space in G.spaces:
+            if space.name in nets.deltas:
+                inputs = {"image": image, "reconstruction": reconstruction, "features": features[2 * space.block]}
+                out.append((f"encoder_{space.name}", nets.deltas[space.name], inputs, ["delta"]))
+    return out
+
+
 def export_bundle(model: Model, out: Path, fp16: bool = False, opset: int = DEFAULT_OPSET, max_batch: int = 32,
                   log: Callable[[str], None] = print) -> dict:
     """Export ``model`` as a bundle directory ``out`` (must not exist). Returns the manifest.
@@ -125,25 +158,26 @@ def export_bundle(model: Model, out: Path, fp16: bool = False, opset: int = DEFA
         "precision": "fp16" if fp16 else "fp32", "opset": opset, "max_batch": max_batch, "noise_mode": "const",
         "versions": {"saminv": getattr(saminv, "__version__", "0.1.0"), "torch": torch.__version__,
                      "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
-        "stages": [], "files": {},
+        "stages": [], "networks": [], "files": {},
     }
 
     def fill(tmp: Path) -> None:
         paths: dict[str, Path] = {}
-        stages: list[tuple[str, nn.Module, nn.Module, dict, list[str], StagePlan | None]] = []
+        exports: list[tuple[str, str, nn.Module, nn.Module, dict, list[str], StagePlan | None]] = []
         z = torch.randn(2, cfg.z_dim, generator=torch.Generator().manual_seed(0))
-        stages.append(("mapping", MappingStage(G), MappingStage(G), {"z": z}, ["w"], None))
+        exports.append(("stages", "mapping", MappingStage(G), MappingStage(G), {"z": z}, ["w"], None))
         for p in plans:
-            stages.append((p.name, SynthesisStage(G, p, fp16=fp16), SynthesisStage(G, p), stage_inputs(G, p),
-                           output_names(p), p))
-        for name, module, reference, inputs, outputs, plan in stages:
+            exports.append(("stages", p.name, SynthesisStage(G, p, fp16=fp16), SynthesisStage(G, p), stage_inputs(G, p),
+                            output_names(p), p))
+        for name, net, inputs, outputs in network_exports(model):
+            exports.append(("networks", name, net, net, inputs, outputs, None))
+        for section, name, module, reference, inputs, outputs, plan in exports:
             path = tmp / f"{name}.onnx"
             log(f"exporting {name} ...")
             _export(module, inputs, outputs, path, opset, max_batch)
             diff = _check(path, reference, inputs)
-            if not fp16 or plan is None:
-                if diff > FP32_TOLERANCE:
-                    raise RuntimeError(f"stage {name}: ONNX Runtime differs from torch by {diff:.2e} > {FP32_TOLERANCE}")
+            if (not fp16 or plan is None) and diff > FP32_TOLERANCE:
+                raise RuntimeError(f"stage {name}: ONNX Runtime differs from torch by {diff:.2e} > {FP32_TOLERANCE}")
             with torch.no_grad():
                 outs = reference(*inputs.values())
             outs = outs if isinstance(outs, tuple) else (outs,)
@@ -152,7 +186,7 @@ def export_bundle(model: Model, out: Path, fp16: bool = False, opset: int = DEFA
             if plan is not None:
                 entry.update(first_block=plan.first, last_block=plan.last, space=plan.space, w_rows=list(plan.w_rows),
                              resolution=cfg.block_resolution(plan.last))
-            manifest["stages"].append(entry)
+            manifest.setdefault(section, []).append(entry)
             paths[name] = path
             log(f"  {name}: max abs diff vs torch {diff:.2e}")
         if fp16:

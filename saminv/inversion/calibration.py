@@ -22,9 +22,11 @@ import torch
 
 from saminv.imageio import atomic_write
 from saminv.inversion.optimize import InversionConfig
-from saminv.inversion.sam import invert_spaces, segment, segment_means, to_target
+from saminv.inversion.sam import invert_spaces, to_target
+from saminv.inversion.selection import segment, segment_means
 from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import Model
+
 
 def calibrate_tau(model: Model, lpips: LPIPS, images: list[np.ndarray], steps: int = 200, quantile: float = 0.5,
                   n_segments: int = 48, progress: bool = False) -> tuple[float, dict]:

@@ -21,13 +21,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from skimage.segmentation import slic
 from torch import Tensor
 
 from saminv.errors import InputError
 from saminv.imageio import to_tensor_range
 from saminv.inversion.feedforward import encode, predicted_maps
-from saminv.inversion.optimize import Codes, InversionConfig, optimize_codes, start_codes
+from saminv.inversion.optimize import (
+    Codes,
+    InversionConfig,
+    optimize_codes,
+    start_codes,
+)
+from saminv.inversion.selection import layer_map
 from saminv.metrics import psnr
 from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import Model
@@ -85,35 +90,6 @@ def to_target(image: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
     return torch.from_numpy(to_tensor_range(image)).to(device)
 
 
-def segment(image: np.ndarray, n_segments: int = 48, compactness: float = 10.0) -> np.ndarray:
-    """Class-agnostic SLIC superpixels of an H x W x 3 uint8 image -> H x W int labels 0..K-1."""
-    labels = slic(image, n_segments=n_segments, compactness=compactness, start_label=0, channel_axis=-1)
-    _, labels = np.unique(labels, return_inverse=True)
-    return labels.reshape(image.shape[:2]).astype(np.int64)
-
-
-def segment_means(maps: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Average each of S maps [S, H, W] over each segment of labels [H, W] -> [S, K]."""
-    k = int(labels.max()) + 1
-    counts = np.bincount(labels.ravel(), minlength=k).astype(np.float64)
-    sums = np.stack([np.bincount(labels.ravel(), weights=m.ravel(), minlength=k) for m in maps])
-    return sums / np.maximum(counts, 1)
-
-
-def select_spaces(errors: np.ndarray, tau: float) -> np.ndarray:
-    """The official refinement rule. errors [S, K] per space (most editable first) and segment.
-
-    Walks the spaces from least to most editable and assigns every space whose error is <= tau, so
-    the most editable passing space wins; a segment where none passes gets the least editable one.
-    Returns [K] indices into the spaces.
-    """
-    s = errors.shape[0]
-    choice = np.full(errors.shape[1], s - 1, dtype=np.int64)
-    for i in range(s - 1, -1, -1):
-        choice[errors[i] <= tau] = i
-    return choice
-
-
 def space_masks(model: Model, labels: np.ndarray, names: list[str], device: torch.device | str = "cpu"
                 ) -> dict[int, Tensor]:
     """Exclusive masks from a layer map: labels [H, W] (index into ``names``) -> {k: [1, 1, r, r]}.
@@ -131,13 +107,6 @@ def space_masks(model: Model, labels: np.ndarray, names: list[str], device: torc
         m = (lab == i).float()[None, None]
         out[k] = F.interpolate(m, size=(r, r), mode="area") if m.shape[-1] != r else m
     return out
-
-
-def layer_map(error_maps: np.ndarray, image: np.ndarray, tau: float, n_segments: int = 48) -> np.ndarray:
-    """The layer map: maps [S, R, R] (per space, most editable first) of an R x R x 3 uint8 image ->
-    labels [R, R] (index of the chosen space per pixel), by segments and the refinement rule."""
-    segments = segment(image, n_segments)
-    return select_spaces(segment_means(error_maps, segments), tau)[segments]
 
 
 MODES = ("encoder", "optimize", "hybrid")

@@ -67,7 +67,7 @@ def open_bundle(path: str | Path) -> Bundle:
             raise BundleError(f"{file}: missing (listed in manifest.json)")
         if file_sha256(file) != digest:
             raise BundleError(f"{file}: sha256 does not match manifest.json (corrupt or replaced file)")
-    for stage in manifest["stages"]:
+    for stage in manifest["stages"] + manifest.get("networks", []):
         if stage.get("file") not in manifest["files"]:
             raise BundleError(f"{manifest_path}: stage {stage.get('name')!r} has no verified file")
     return Bundle(path, manifest)

@@ -1,6 +1,7 @@
-"""The torch-free runtime: renders, generates and edits with a bundle's ONNX stages.
+"""The torch-free runtime: inverts (feed-forward SAM), renders, generates and edits with a bundle's ONNX files.
 
-Only numpy, onnxruntime, Pillow and safetensors' numpy reader are imported (never torch). Stages run
+Only numpy, onnxruntime, Pillow, scikit-image (SLIC segments) and safetensors' numpy reader are
+imported (never torch). Stages run
 in the manifest's order; tensors go from one stage to the next as onnxruntime ``OrtValue`` s through
 I/O binding, so with the CUDA or TensorRT execution provider they stay on the GPU between blocks.
 
@@ -14,9 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from saminv.imageio import images_to_uint8
+from saminv.imageio import images_to_uint8, load_image, resize_square, to_tensor_range
+from saminv.inversion.selection import layer_map
 from saminv.runtime.bundle import Bundle, BundleError, check_session_io, open_bundle
+
+
+@dataclass
+class RuntimeInversion:
+    """A feed-forward inversion: ``image`` the composed reconstruction R x R x 3 uint8, ``codes`` its SAM
+    codes (one image), ``maps`` the predicted invertibility maps [S, R, R] float32 (per space of ``codes.names``)."""
+
+    image: np.ndarray
+    codes: "RuntimeCodes"
+    maps: np.ndarray
 
 
 @dataclass
@@ -111,7 +124,7 @@ class Runtime:
         # cores from the running one (measured: 3x slower chains on 2 cores).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = {}
-        for stage in m["stages"]:
+        for stage in m["stages"] + m.get("networks", []):
             file = self.bundle.path / stage["file"]
             try:
                 session = ort.InferenceSession(str(file), options, providers=self.providers)
@@ -211,8 +224,33 @@ class Runtime:
                                            codes.deltas, masks, keep=keep))[0] for s in values]
         return images[0] if np.isscalar(strength) else np.stack(images)
 
-    def invert(self, image) -> RuntimeCodes:
-        """Feed-forward SAM inversion (predictor, segments, masks, encoders, compose). Bundles do not carry
-        the invertibility predictor and encoders yet, so this raises BundleError saying so."""
-        raise BundleError(f"{self.bundle.path}: this bundle has no invertibility predictor or encoders; "
-                          "feed-forward inversion needs a model trained with them (saminv train predictor/encoder)")
+    def require_inversion_networks(self) -> None:
+        """Raise BundleError unless the bundle carries the predictor and the W+ encoder."""
+        missing = [n for n in ("predictor", "encoder_wplus") if n not in self.sessions]
+        if missing:
+            raise BundleError(f"{self.bundle.path}: this bundle has no {' or '.join(missing)}; export a model "
+                              "trained with them (saminv train predictor / saminv train encoder)")
+
+    def invert(self, image: str | Path | Image.Image | np.ndarray) -> RuntimeInversion:
+        """Feed-forward SAM inversion of one image (a path, a PIL image or an H x W x 3 uint8 array;
+        centre-cropped and resized to the bundle's resolution): the predictor's invertibility maps, the
+        layer map by segments and tau, the W+ encoder, the W+ reconstruction's F_k features, the Δf
+        encoders of the spaces in use, and the composed image (paper Eq. 3-4). Raises BundleError when
+        the bundle has no predictor or encoders, InputError for an unreadable image."""
+        self.require_inversion_networks()
+        pixels = load_image(image, self.resolution) if isinstance(image, (str, Path)) else \
+            resize_square(image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)), self.resolution)
+        x = to_tensor_range(pixels)
+        names = [s["name"] for s in self.bundle.manifest["spaces"]]
+        maps = self.run_stage("predictor", {"image": x}, ["maps"])[0].numpy()[0]
+        labels = layer_map(maps, pixels, self.tau)
+        wplus = self.run_stage("encoder_wplus", {"image": x}, ["wplus"])[0].numpy()
+        features: dict = {}
+        reconstruction = self.synthesize(wplus, record=features)
+        masks = {name: (labels == i).astype(np.float32)[None, None] for i, name in enumerate(names)
+                 if name != "W+" and (labels == i).any()}
+        deltas = {name: self.run_stage(f"encoder_{name}", {"image": x, "reconstruction": reconstruction,
+                                                          "features": features[name][0]}, ["delta"])[0].numpy()
+                  for name in masks}
+        codes = RuntimeCodes(wplus, labels[None], names, deltas)
+        return RuntimeInversion(images_to_uint8(self.synthesize(wplus, deltas, masks))[0], codes, maps)

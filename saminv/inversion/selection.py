@@ -1,0 +1,46 @@
+"""Layer selection of SAM (Parmar et al. 2022, Sec. 3.2), numpy only (the torch-free runtime uses it too).
+
+Segment the image class-agnostically (SLIC superpixels), average each space's invertibility map over
+each segment, and pick per segment the most editable space whose mean error is <= tau.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from skimage.segmentation import slic
+
+
+def segment(image: np.ndarray, n_segments: int = 48, compactness: float = 10.0) -> np.ndarray:
+    """Class-agnostic SLIC superpixels of an H x W x 3 uint8 image -> H x W int labels 0..K-1."""
+    labels = slic(image, n_segments=n_segments, compactness=compactness, start_label=0, channel_axis=-1)
+    _, labels = np.unique(labels, return_inverse=True)
+    return labels.reshape(image.shape[:2]).astype(np.int64)
+
+
+def segment_means(maps: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Average each of S maps [S, H, W] over each segment of labels [H, W] -> [S, K]."""
+    k = int(labels.max()) + 1
+    counts = np.bincount(labels.ravel(), minlength=k).astype(np.float64)
+    sums = np.stack([np.bincount(labels.ravel(), weights=m.ravel(), minlength=k) for m in maps])
+    return sums / np.maximum(counts, 1)
+
+
+def select_spaces(errors: np.ndarray, tau: float) -> np.ndarray:
+    """The official refinement rule. errors [S, K] per space (most editable first) and segment.
+
+    Walks the spaces from least to most editable and assigns every space whose error is <= tau, so
+    the most editable passing space wins; a segment where none passes gets the least editable one.
+    Returns [K] indices into the spaces.
+    """
+    s = errors.shape[0]
+    choice = np.full(errors.shape[1], s - 1, dtype=np.int64)
+    for i in range(s - 1, -1, -1):
+        choice[errors[i] <= tau] = i
+    return choice
+
+
+def layer_map(error_maps: np.ndarray, image: np.ndarray, tau: float, n_segments: int = 48) -> np.ndarray:
+    """The layer map: maps [S, R, R] (per space, most editable first) of an R x R x 3 uint8 image ->
+    labels [R, R] (index of the chosen space per pixel), by segments and the refinement rule."""
+    segments = segment(image, n_segments)
+    return select_spaces(segment_means(error_maps, segments), tau)[segments]
