@@ -1,7 +1,8 @@
 """``saminv bench``: latency, throughput and peak memory of the feed-forward path, per backend.
 
 The feed-forward path is mapping + every synthesis stage with SAM residuals (random masks and
-delta_f, keep = 0), i.e. what the runtime serves. Backends:
+delta_f, keep = 0), i.e. what the runtime serves; for models with a trained predictor and encoders,
+also the feed-forward inversion of a real photo (predictor, segments, encoders, compose). Backends:
 
 * ``eager``: the torch stages (:class:`saminv.export.stages.SynthesisStage`), no autograd;
 * ``compiled``: the same under ``torch.compile`` (inductor);
@@ -145,6 +146,27 @@ def _backend(arch: str, backend: str, bundle: str, cfg: BenchConfig):
     return (lambda z: mods["mapping"](torch.from_numpy(z)).numpy()), run_stage
 
 
+def _inversion(model_spec: str, backend: str, bundle: str, manifest: dict, cfg: BenchConfig):
+    """Feed-forward SAM inversion of a real photo (the astronaut face crop) as a callable, when the bundle
+    carries the predictor and encoders: Runtime.invert for onnxruntime, sam_invert(mode="encoder")
+    without evaluation metrics for eager; None otherwise."""
+    if not manifest.get("networks") or backend == "compiled":
+        return None
+    from saminv.imageio import resize_square
+    from saminv.photos import face_photo
+
+    photo = resize_square(face_photo("astronaut"), manifest["resolution"])
+    if backend == "onnxruntime":
+        from saminv.runtime import Runtime
+
+        rt = Runtime(bundle, threads=cfg.threads)
+        return lambda: rt.invert(photo)
+    from saminv.inversion.sam import sam_invert
+
+    model = build_model(model_spec)
+    return lambda: sam_invert(model, None, photo, mode="encoder", evaluate=False)
+
+
 def _measure(arch: str, backend: str, bundle: str, cfg: BenchConfig) -> dict:
     manifest = json.loads((Path(bundle) / "manifest.json").read_text())
     stages = [s for s in manifest["stages"] if s["name"] != "mapping"]
@@ -182,6 +204,9 @@ def _measure(arch: str, backend: str, bundle: str, cfg: BenchConfig) -> dict:
         fn = make(n)[0]
         times = _timed(fn, cfg.throughput_runs, 1)
         result["throughput_img_s"][str(n)] = n / float(np.median(times))
+    invert = _inversion(arch, backend, bundle, manifest, cfg)
+    if invert is not None:
+        result["invert"] = _stats(_timed(invert, cfg.runs, cfg.warmup))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
@@ -226,8 +251,8 @@ def run_bench(archs: list[str], backends: list[str], cfg: BenchConfig, log=print
 def format_table(report: dict) -> str:
     """A Markdown table of the report: one row per (architecture, backend)."""
     rows = ["| arch | backend | median ms | p95 ms | x floor | vs eager | " +
-            " | ".join(f"b{n} img/s" for n in report["config"]["batches"]) + " | peak RSS MB | per stage median ms |",
-            "|---" * (8 + len(report["config"]["batches"])) + "|"]
+            " | ".join(f"b{n} img/s" for n in report["config"]["batches"]) + " | peak RSS MB | invert ms | per stage median ms |",
+            "|---" * (9 + len(report["config"]["batches"])) + "|"]
     for arch, entry in report["archs"].items():
         eager = entry["backends"].get("eager", {}).get("end_to_end", {}).get("median_ms")
         for backend, r in entry["backends"].items():
@@ -236,10 +261,11 @@ def format_table(report: dict) -> str:
                 continue
             med = r["end_to_end"]["median_ms"]
             stages = ", ".join(f"{k} {v['median_ms']:.2f}" for k, v in r["stages"].items())
+            invert = f"{r['invert']['median_ms']:.2f}" if "invert" in r else "-"
             rows.append(f"| {arch} | {backend} | {med:.2f} | {r['end_to_end']['p95_ms']:.2f} | "
                         f"{med / entry['floor_ms']:.2f} | {eager / med if eager else float('nan'):.2f}x | " +
                         " | ".join(f"{r['throughput_img_s'][str(n)]:.1f}" for n in report["config"]["batches"]) +
-                        f" | {r['peak_rss_mb']:.0f} | {stages} |")
+                        f" | {r['peak_rss_mb']:.0f} | {invert} | {stages} |")
         rows.append(f"| {arch} | floor ({entry['gflop_per_image']:.1f} GFLOP / "
                     f"{report['machine']['fp32_gemm_gflops']:.0f} GFLOP/s) | {entry['floor_ms']:.2f} | | 1.00 | | |")
     return "\n".join(rows)

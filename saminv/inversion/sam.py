@@ -131,15 +131,17 @@ class SamResult:
     metrics: dict = field(default_factory=dict)
 
 
-def sam_invert(model: Model, lpips: LPIPS, image: np.ndarray, tau: float | None = None,
+def sam_invert(model: Model, lpips: LPIPS | None, image: np.ndarray, tau: float | None = None,
                names: list[str] | None = None, cfg: InversionConfig | None = None,
                n_segments: int = 48, progress: bool = False, mode: str | None = None,
-               maps: str | None = None) -> SamResult:
+               maps: str | None = None, evaluate: bool = True) -> SamResult:
     """Invert an R x R x 3 uint8 image with SAM (see the module doc for ``mode`` and ``maps``).
 
     ``names``: the latent spaces to choose from, most editable first (default: the model's spaces).
     ``tau``: the threshold (default: the model's calibrated tau). ``mode`` defaults to
     :func:`default_mode`; ``maps`` to predicted when the model has a predictor, else measured.
+    ``evaluate=False`` leaves PSNR and LPIPS of the reconstruction out of the metrics (latency benchmarks);
+    ``lpips`` may then be None in encoder mode with predicted maps (the only mode that needs no LPIPS).
     Raises KeyError on unknown spaces, InputError when the mode or maps need a network the model lacks.
     """
     t0 = time.time()
@@ -181,8 +183,7 @@ def sam_invert(model: Model, lpips: LPIPS, image: np.ndarray, tau: float | None 
     with torch.no_grad():
         recon = codes.render(model)
         metrics = {
-            "psnr": psnr(recon, target).item(),
-            "lpips": lpips(recon, target).item(),
+            **({"psnr": psnr(recon, target).item(), "lpips": lpips(recon, target).item()} if evaluate else {}),
             "tau": tau,
             "mode": mode,
             "maps": maps,
