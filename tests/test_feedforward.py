@@ -154,3 +154,19 @@ def test_training_runs_data_parallel_under_torchrun(tmp_path):
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert torch.equal(rank0, rank1)
+
+
+def test_cli_trains_encoders_into_a_model_directory(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for name in ("config.json", "weights.safetensors"):
+        shutil.copy(load_model("faces64").path / name, model_dir / name)
+    args = ["train", "encoder", "--out", str(tmp_path / "run"), "--wplus-steps", "2", "--delta-steps", "1",
+            "--batch", "2", "--generated", "1"]
+    res = runner.invoke(app, [*args, "--into", str(model_dir)])
+    assert res.exit_code == 0, res.output
+    entry = json.loads((model_dir / "config.json").read_text())["encoders"]
+    assert entry["trained"]["steps"] == 3 and entry["trained"]["config"]["batch"] == 2
+    assert load_model(model_dir).network("encoders").wplus.n_latent == 10
+    res = runner.invoke(app, [*args[:-2], "--generated", "2"])
+    assert res.exit_code == 2 and "--generated 2 must be smaller than --batch 2" in res.output
