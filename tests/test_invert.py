@@ -49,13 +49,14 @@ def invoke(*args):
 
 def test_invert_writes_every_output(tmp_path, face_png, model):
     out = tmp_path / "out"
-    res = invoke("invert", face_png, "--steps", 8, "--out", out)
+    res = invoke("invert", face_png, "--steps", 8, "--out", out, "--mode", "optimize", "--maps", "measured")
     assert res.exit_code == 0, res.output
     d = out / "astronaut"
     assert sorted(p.name for p in d.iterdir()) == [
         "codes.safetensors", "layer_map.png", "metrics.json", "reconstruction.png", "side_by_side.png"]
     metrics = json.loads((d / "metrics.json").read_text())
     assert set(metrics) >= {"psnr", "lpips", "space_share", "seconds", "tau", "single_space"}
+    assert metrics["mode"] == "optimize" and metrics["maps"] == "measured"
     assert sum(metrics["space_share"].values()) == pytest.approx(1.0)
     assert metrics["tau"] == pytest.approx(model.tau)
     # The codes re-render the reconstruction (up to 8-bit quantization).

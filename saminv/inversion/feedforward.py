@@ -44,10 +44,12 @@ def wplus_features(model: Model, wplus: Tensor, noise_mode: NoiseMode = "const")
 
 def encode(model: Model, images: Tensor, masks: dict[int, Tensor], noise_mode: NoiseMode = "const") -> Codes:
     """Feed-forward codes of images [N, 3, R, R] in [-1, 1]: w+ from the W+ encoder and Δf_k from the F_k
-    encoders for every k in ``masks`` ({k: [N or 1, 1, r_k, r_k]}). Raises InputError without encoders."""
+    encoders for every k whose mask in ``masks`` ({k: [N or 1, 1, r_k, r_k]}) is not all zero.
+    Raises InputError when the model has no encoders."""
     nets = model.network("encoders")
     wplus = nets.wplus(images)
     reconstruction, features = wplus_features(model, wplus, noise_mode)
-    deltas = {k: nets.deltas[f"F{k}"](images, reconstruction, features[k]) for k in masks}
+    used = [k for k, m in masks.items() if bool(m.any())]  # an all-zero mask needs no delta_f
+    deltas = {k: nets.deltas[f"F{k}"](images, reconstruction, features[k]) for k in used}
     n = images.shape[0]
-    return Codes(wplus, deltas, {k: m.expand(n, -1, -1, -1) for k, m in masks.items()})
+    return Codes(wplus, deltas, {k: masks[k].expand(n, -1, -1, -1) for k in used})
