@@ -193,8 +193,10 @@ def generate_dataset(model: Model, out: Path, cfg: DataConfig, rank: int = 0, wo
     source, lpips = ImageSource(model, cfg.seed, extra_photos), LPIPS()
     written = []
     for k in tqdm(todo, desc=f"invertibility shards (rank {rank}/{world})", unit="shard", disable=not progress):
-        arrays = generate_shard(source, lpips, k, cfg, names)
         path = out / f"shard_{k:05d}.npz"
+        if path.is_file():  # another process made it meanwhile
+            continue
+        arrays = generate_shard(source, lpips, k, cfg, names)
         atomic_write(path, lambda p: np.savez(p, **arrays))
         written.append(path)
     return written
