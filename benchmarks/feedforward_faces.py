@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--lfw", type=int, default=9, help="Held-out LFW faces to include (of 100).")
     ap.add_argument("--measure-steps", type=int, default=100, help="Steps of the single-space inversions that measure maps.")
     ap.add_argument("--steps", type=int, default=InversionConfig.steps, help="Optimization steps of optimize mode.")
-    ap.add_argument("--hybrid-steps", default="25,50,100")
+    ap.add_argument("--hybrid-steps", default="25,50,100,200")
     ap.add_argument("--optimize-photos", type=int, default=6)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--out", type=Path, default=None)

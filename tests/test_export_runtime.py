@@ -67,7 +67,13 @@ def test_every_stage_matches_torch(bundle):
     assert [s["name"] for s in manifest["stages"]] == ["mapping", "F2", "F4", "F6", "F8"]
     assert all(s["max_abs_diff_vs_torch"] <= 1e-4 for s in manifest["stages"])
     assert manifest["opset"] == 18 and manifest["precision"] == "fp32"
-    assert set(manifest["files"]) == {"mapping.onnx", "F2.onnx", "F4.onnx", "F6.onnx", "F8.onnx", "directions.npz"}
+    networks = ["predictor", "encoder_wplus", "encoder_F2", "encoder_F4", "encoder_F6", "encoder_F8"]
+    assert [n["name"] for n in manifest["networks"]] == networks
+    assert all(n["max_abs_diff_vs_torch"] <= 1e-4 for n in manifest["networks"])
+    assert manifest["networks"][0]["outputs"]["maps"] == ["N", 5, 64, 64]
+    assert manifest["networks"][3]["inputs"]["features"] == ["N", 128, 16, 16]
+    assert set(manifest["files"]) == {"mapping.onnx", "F2.onnx", "F4.onnx", "F6.onnx", "F8.onnx", "directions.npz",
+                                      *(f"{n}.onnx" for n in networks)}
     assert manifest["stages"][2]["inputs"]["delta"] == ["N", 128, 16, 16]
 
 
@@ -166,13 +172,29 @@ def test_broken_bundles_get_one_clear_line(bundle, tmp_path, damage, message):
     assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
 
 
-def test_cli_export_refuses_existing_output_and_bundle_without_encoders_says_so(bundle, tmp_path):
+@pytest.fixture()
+def bundle_without_networks(bundle, tmp_path):
+    """The faces64 bundle as a model without predictor and encoders exports it."""
+    out = tmp_path / "synthesis-only"
+    shutil.copytree(bundle, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for entry in manifest.pop("networks"):
+        (out / entry["file"]).unlink()
+        del manifest["files"][entry["file"]]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_cli_export_refuses_existing_output_and_bundle_without_networks_says_so(bundle, bundle_without_networks,
+                                                                                  tmp_path):
     res = runner.invoke(app, ["export", "--out", str(bundle)])
     assert res.exit_code == 2 and "exists" in res.output
     photo = tmp_path / "a.png"
     Image.fromarray(face_photo("astronaut")).save(photo)
-    res = runner.invoke(app, ["invert", "--bundle", str(bundle), str(photo)])
+    res = runner.invoke(app, ["invert", "--bundle", str(bundle_without_networks), str(photo)])
     assert res.exit_code == 2 and "no predictor or encoder_wplus" in res.output
+    with pytest.raises(BundleError, match="no predictor or encoder_wplus"):
+        Runtime(bundle_without_networks).invert(np.zeros((64, 64, 3), np.uint8))
     assert open_bundle(bundle).manifest["model"] == "faces64"
 
 
@@ -188,38 +210,21 @@ def test_bench_reports_every_backend(tmp_path):
         assert "error" not in r, r
         assert r["end_to_end"]["median_ms"] > 0 and set(r["stages"]) == {"mapping", "F2", "F4", "F6", "F8"}
         assert set(r["throughput_img_s"]) == {"1", "2"} and r["peak_rss_mb"] > 10
+        assert r["invert"]["median_ms"] > 0  # faces64 ships the predictor and encoders
     assert "faces64 | onnxruntime" in format_table(report)
 
 
-@pytest.fixture(scope="module")
-def network_bundle(trained, tmp_path_factory):
-    model, _ = trained
-    out = tmp_path_factory.mktemp("bn") / "networks"
-    export_bundle(model, out, log=lambda s: None)
-    return out
-
-
-def test_bundle_carries_the_feed_forward_networks(network_bundle):
-    manifest = json.loads((network_bundle / "manifest.json").read_text())
-    assert [n["name"] for n in manifest["networks"]] == ["predictor", "encoder_wplus", "encoder_F2", "encoder_F4",
-                                                         "encoder_F6", "encoder_F8"]
-    assert all(n["max_abs_diff_vs_torch"] <= 1e-4 for n in manifest["networks"])
-    assert manifest["networks"][0]["outputs"]["maps"] == ["N", 5, 64, 64]
-    assert manifest["networks"][3]["inputs"]["features"] == ["N", 128, 16, 16]
-
-
-def test_runtime_inverts_a_photo_like_torch(network_bundle, trained, tmp_path):
-    model, _ = trained
+def test_runtime_inverts_a_photo_like_torch(bundle, model, tmp_path):
     photo = tmp_path / "astronaut.png"
     Image.fromarray(face_photo("astronaut")).save(photo)
-    got = Runtime(network_bundle).invert(photo)
+    got = Runtime(bundle).invert(photo)
     image = resize_square(face_photo("astronaut"), 64)
     want = sam_invert(model, LPIPS(), image, mode="encoder")
     assert got.codes.names == want.names and got.maps.shape == (5, 64, 64)
     assert (got.codes.labels[0] == want.labels).mean() >= 0.99
     if (got.codes.labels[0] == want.labels).all():
         assert np.abs(got.image.astype(int) - images_to_uint8(want.image[None].numpy())[0]).max() <= 1
-    res = runner.invoke(app, ["invert", str(photo), "--bundle", str(network_bundle), "--out", str(tmp_path / "out")])
+    res = runner.invoke(app, ["invert", str(photo), "--bundle", str(bundle), "--out", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     out = tmp_path / "out" / "astronaut"
     assert {"reconstruction.png", "layer_map.png", "side_by_side.png", "codes.safetensors", "metrics.json"} <= \
@@ -228,13 +233,8 @@ def test_runtime_inverts_a_photo_like_torch(network_bundle, trained, tmp_path):
     script = f"""
 import sys
 from saminv.runtime import Runtime
-inv = Runtime({str(network_bundle)!r}).invert({str(photo)!r})
+inv = Runtime({str(bundle)!r}).invert({str(photo)!r})
 assert inv.image.shape == (64, 64, 3)
 assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
 """
     subprocess.run([sys.executable, "-c", script], check=True)
-
-
-def test_bundle_without_networks_cannot_invert(bundle):
-    with pytest.raises(BundleError, match="no predictor or encoder_wplus"):
-        Runtime(bundle).invert(np.zeros((64, 64, 3), np.uint8))

@@ -104,9 +104,10 @@ def test_resumed_encoder_run_continues(trained):
         assert torch.equal(a, b)
 
 
-def test_every_mode_on_a_real_photo(trained, lpips, face):
-    model, _ = trained
-    cfg = InversionConfig(steps=20)
+def test_every_mode_on_a_real_photo(lpips, face):
+    """The shipped networks of faces64 on the held-out astronaut face."""
+    model = load_model("faces64")
+    assert model.has_network("predictor") and model.has_network("encoders")
     encoder = sam_invert(model, lpips, face, mode="encoder")
     assert encoder.single is None and encoder.metrics["maps"] == "predicted" and encoder.metrics["mode"] == "encoder"
     target = to_target(face)
@@ -114,14 +115,18 @@ def test_every_mode_on_a_real_photo(trained, lpips, face):
         maps = predicted_maps(model, target, encoder.names)[0].numpy()
         labels = layer_map(maps, face, model.tau)
         again = encode(model, target, space_masks(model, labels, encoder.names)).render(model)
+        wplus_only, _ = wplus_features(model, model.network("encoders").wplus(target))
     assert (encoder.labels == labels).all() and torch.allclose(again[0], encoder.image, atol=1e-5)
+    assert 0 < encoder.metrics["space_share"]["W+"] < 1  # a real mix of spaces
+    assert encoder.metrics["psnr"] > psnr(wplus_only, target).item() + 1  # Δf encoders add detail
 
+    cfg = InversionConfig(steps=20)
     hybrid = sam_invert(model, lpips, face, mode="hybrid", cfg=cfg)
     assert hybrid.metrics["psnr"] > encoder.metrics["psnr"] + 0.5  # optimization refines the encoder's codes
     predicted = sam_invert(model, lpips, face, mode="optimize", cfg=cfg)
     measured = sam_invert(model, lpips, face, mode="optimize", maps="measured", cfg=cfg)
     assert predicted.single is None and measured.single is not None
-    assert min(predicted.metrics["psnr"], measured.metrics["psnr"]) > encoder.metrics["psnr"]
+    assert abs(predicted.metrics["psnr"] - measured.metrics["psnr"]) < 2
     assert predicted.metrics["seconds"] < measured.metrics["seconds"]  # no per-space inversions
 
 
