@@ -2,8 +2,9 @@
 l2 regression of the LPIPS spatial error maps of each latent space).
 
 The data set is small enough to hold in memory (uint8 images, float16 maps). Each step samples a
-batch, flips it horizontally at random (images and maps together), and minimises the mean squared
-error between predicted and measured maps. The ImageNet backbone trains with a 10x smaller learning
+batch, flips it horizontally at random (images and maps together), and minimises the squared error
+between predicted and measured maps, each space's divided by the variance of its maps in the data
+(so the small F_k errors count as much as W+'s). The ImageNet backbone trains with a 10x smaller learning
 rate and its BatchNorm statistics frozen (small CPU batches). Resumable: ``checkpoint.pt`` (weights,
 optimizer, step) and ``log.jsonl`` in the run directory.
 """
@@ -57,6 +58,9 @@ class PredictorTrainer(TrainingRun):
         torch.manual_seed(cfg.seed)
         self.net = InvertibilityPredictor(self.spaces).to(device)
         self.net.pyramid.load_pretrained()
+        self.net.scale.copy_(torch.from_numpy(self.errors.mean(axis=(0, 2, 3))))
+        # each space's squared error in units of its variance: F6/F8 errors are 10x smaller than W+'s
+        self.weights = torch.from_numpy(1.0 / self.errors.var(axis=(0, 2, 3))).view(1, -1, 1, 1).to(device)
         backbone = list(self.net.pyramid.backbone.parameters())
         ids = {id(p) for p in backbone}
         head_params = [p for p in self.net.parameters() if id(p) not in ids]
@@ -85,6 +89,6 @@ class PredictorTrainer(TrainingRun):
         self.net.train()
         self.net.pyramid.backbone.eval()  # frozen BatchNorm statistics
         x, y = self.batch()
-        loss = (self.net(x) - y).square().mean()
+        loss = ((self.net(x) - y).square() * self.weights).mean()
         self.optimizer_step(self.opt, loss)
         return {"loss": loss.item()}
