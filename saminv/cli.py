@@ -240,22 +240,19 @@ def _runtime_result(runtime, image, lpips):
     import time
 
     import torch
-    import torch.nn.functional as F
 
     from saminv.imageio import to_tensor_range
     from saminv.inversion.optimize import Codes
-    from saminv.inversion.sam import SamResult
+    from saminv.inversion.sam import SamResult, space_masks
     from saminv.metrics import psnr
 
     t0 = time.time()
     inv = runtime.invert(image)
     seconds = time.time() - t0
-    names, labels = inv.codes.names, torch.from_numpy(inv.codes.labels[0])
-    deltas, masks = {}, {}
-    for name, delta in inv.codes.deltas.items():
-        size = delta.shape[-1]
-        deltas[int(name[1:])] = torch.from_numpy(delta)
-        masks[int(name[1:])] = F.interpolate((labels == names.index(name)).float()[None, None], size=(size, size), mode="area")
+    names = inv.codes.names
+    deltas = {int(name[1:]): torch.from_numpy(d) for name, d in inv.codes.deltas.items()}
+    sizes = {s["name"]: s["shape"][-1] for s in runtime.bundle.manifest["spaces"] if s["name"] != "W+"}
+    masks = {k: m for k, m in space_masks(None, inv.codes.labels[0], names, sizes=sizes).items() if k in deltas}
     recon, target = torch.from_numpy(to_tensor_range(inv.image)), torch.from_numpy(to_tensor_range(image))
     metrics = {"psnr": psnr(recon, target).item(), "lpips": lpips(recon, target).item(), "tau": runtime.tau,
                "mode": "encoder", "maps": "predicted", "backend": "onnxruntime",

@@ -90,12 +90,13 @@ def to_target(image: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
     return torch.from_numpy(to_tensor_range(image)).to(device)
 
 
-def space_masks(model: Model, labels: np.ndarray, names: list[str], device: torch.device | str = "cpu"
-                ) -> dict[int, Tensor]:
+def space_masks(model: Model | None, labels: np.ndarray, names: list[str], device: torch.device | str = "cpu",
+                sizes: dict[str, int] | None = None) -> dict[int, Tensor]:
     """Exclusive masks from a layer map: labels [H, W] (index into ``names``) -> {k: [1, 1, r, r]}.
 
-    Each F_k's binary mask is area-resized to the F_k resolution r, so masks stay exclusive
-    (they sum to at most 1 at every position).
+    Each F_k's binary mask is area-resized to the F_k resolution r (from ``model``, or ``sizes`` by
+    space name when given, e.g. from a bundle), so masks stay exclusive (they sum to at most 1 at
+    every position). ``model`` may be None when ``sizes`` covers every F_k in ``names``.
     """
     out = {}
     lab = torch.as_tensor(labels, device=device)
@@ -103,7 +104,7 @@ def space_masks(model: Model, labels: np.ndarray, names: list[str], device: torc
         k = space_index(name)
         if k is None:
             continue
-        r = model.generator.space(name).shape[-1]
+        r = sizes[name] if sizes is not None else model.generator.space(name).shape[-1]
         m = (lab == i).float()[None, None]
         out[k] = F.interpolate(m, size=(r, r), mode="area") if m.shape[-1] != r else m
     return out

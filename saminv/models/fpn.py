@@ -16,6 +16,15 @@ from torch import Tensor, nn
 from saminv.models.efficientnet import PYRAMID_CHANNELS, EfficientNetLite0, load_backbone, normalise
 
 
+def pretrained_trunk_groups(net: nn.Module, pyramid: "FeaturePyramid", lr: float, trunk_scale: float) -> list[dict]:
+    """Optimizer parameter groups for a network built on ``pyramid``: the ImageNet trunk at
+    ``lr * trunk_scale``, every other parameter of ``net`` at ``lr``."""
+    trunk = list(pyramid.backbone.parameters())
+    ids = {id(p) for p in trunk}
+    return [{"params": [p for p in net.parameters() if id(p) not in ids], "lr": lr},
+            {"params": trunk, "lr": lr * trunk_scale}]
+
+
 class FeaturePyramid(nn.Module):
     """EfficientNet-Lite0 trunk (``levels`` pyramid levels) + FPN top-down merge to ``width`` channels."""
 

@@ -25,6 +25,7 @@ from torch import Tensor
 from saminv.inversion.feedforward import wplus_features
 from saminv.inversion.optimize import InversionConfig, ReconstructionLoss
 from saminv.models.encoders import SamEncoders
+from saminv.models.fpn import pretrained_trunk_groups
 from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import Model
 from saminv.training.invertibility_data import SOURCES, ImageSource
@@ -75,11 +76,8 @@ class EncoderTrainer(TrainingRun):
     def _optimizer(self, stage: str) -> torch.optim.Optimizer:
         if stage == "delta":
             return torch.optim.Adam(self.net.deltas.parameters(), lr=self.cfg.lr)
-        trunk = list(self.net.wplus.pyramid.backbone.parameters())
-        ids = {id(p) for p in trunk}
-        heads = [p for p in self.net.wplus.parameters() if id(p) not in ids]
-        return torch.optim.Adam([{"params": heads, "lr": self.cfg.lr},
-                                 {"params": trunk, "lr": self.cfg.lr * self.cfg.backbone_lr_scale}])
+        wplus = self.net.wplus
+        return torch.optim.Adam(pretrained_trunk_groups(wplus, wplus.pyramid, self.cfg.lr, self.cfg.backbone_lr_scale))
 
     def state_dict(self) -> dict:
         return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "stage": self.stage,

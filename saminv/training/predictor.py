@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saminv.models.fpn import pretrained_trunk_groups
 from saminv.models.predictor import InvertibilityPredictor
 from saminv.training.run import TrainingRun
 
@@ -61,11 +62,7 @@ class PredictorTrainer(TrainingRun):
         self.net.scale.copy_(torch.from_numpy(self.errors.mean(axis=(0, 2, 3))))
         # each space's squared error in units of its variance: F6/F8 errors are 10x smaller than W+'s
         self.weights = torch.from_numpy(1.0 / self.errors.var(axis=(0, 2, 3))).view(1, -1, 1, 1).to(device)
-        backbone = list(self.net.pyramid.backbone.parameters())
-        ids = {id(p) for p in backbone}
-        head_params = [p for p in self.net.parameters() if id(p) not in ids]
-        self.opt = torch.optim.Adam([{"params": head_params, "lr": cfg.lr},
-                                     {"params": backbone, "lr": cfg.lr * cfg.backbone_lr_scale}])
+        self.opt = torch.optim.Adam(pretrained_trunk_groups(self.net, self.net.pyramid, cfg.lr, cfg.backbone_lr_scale))
         self.resume(device)
         self.rng = np.random.default_rng([cfg.seed, self.step, self.rank])  # batches: own stream per rank and resume
 
