@@ -2,10 +2,12 @@
 
 Four measurements, each on photos no training step saw (:func:`saminv.photos.held_out_photos`):
 
-* ``predictor``  predicted vs measured invertibility: per space, the Spearman correlation of the
-  per-segment mean errors (segments of all photos pooled; measured = single-space inversions with
-  the data set's step budget), and the share of pixels whose layer map (model's tau) agrees;
-* ``encoder``    encoder SAM (predicted masks, W+ and Δf encoders) vs the W+ encoder alone: PSNR, LPIPS;
+* ``predictor``  predicted vs measured invertibility, for each regime's predictor: per space, the Spearman
+  correlation of the per-segment mean errors (segments of all photos pooled; measured = single-space
+  optimizations with the data set's step budget, or single-space encoder passes), and the share of
+  pixels whose layer map (the regime's tau) agrees;
+* ``encoder``    encoder SAM (encoder-regime predicted masks, W+ and Δf encoders) vs the W+ encoder alone:
+  PSNR, LPIPS; and encoder SAM with measured encoder maps (what a perfect predictor would give);
 * ``optimize``   SAM optimization with predicted maps vs measured maps (same steps): PSNR, seconds;
   plus hybrid mode (encoder start + joint optimization) at a few step budgets;
 * ``latency``    encoder mode, one 64 x 64 photo, the ``saminv.invert`` code path: median and p95 of
@@ -27,7 +29,7 @@ import torch
 from scipy.stats import spearmanr
 
 from saminv.imageio import resize_square
-from saminv.inversion.feedforward import predicted_maps, wplus_features
+from saminv.inversion.feedforward import encoder_error_maps, predicted_maps, wplus_features
 from saminv.inversion.optimize import InversionConfig
 from saminv.inversion.sam import invert_spaces, sam_invert, to_target
 from saminv.inversion.selection import layer_map, segment, segment_means
@@ -37,25 +39,30 @@ from saminv.models.model_dir import load_model
 from saminv.photos import held_out_photos
 
 
-def predictor_part(model, lpips, photos, steps: int, batch: int = 8) -> dict:
+def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8) -> dict:
     names = [s.name for s in model.generator.spaces]
+    tau = model.tau_for(regime)
     measured_seg, predicted_seg, agree, pixels = [], [], 0, 0
     for start in range(0, len(photos), batch):
         chunk = photos[start:start + batch]
         targets = torch.cat([to_target(img) for _, img in chunk])
-        measured = invert_spaces(model, lpips, targets, names, InversionConfig(steps=steps), progress=True).error_maps
-        predicted = predicted_maps(model, targets, names)
+        if regime == "encoder":
+            measured = encoder_error_maps(model, lpips, targets, names).transpose(0, 1)
+        else:
+            measured = invert_spaces(model, lpips, targets, names, InversionConfig(steps=steps), progress=True).error_maps
+        predicted = predicted_maps(model, targets, names, regime)
         for i, (name, img) in enumerate(chunk):
             m, p = measured[:, i].numpy(), predicted[i].numpy()
             seg = segment(img)
             measured_seg.append(segment_means(m, seg))
             predicted_seg.append(segment_means(p, seg))
-            same = layer_map(m, img, model.tau) == layer_map(p, img, model.tau)
+            same = layer_map(m, img, tau) == layer_map(p, img, tau)
             agree += int(same.sum())
             pixels += same.size
             print(f"  {name}: layer maps agree on {same.mean():.1%}")
     measured_all, predicted_all = np.concatenate(measured_seg, axis=1), np.concatenate(predicted_seg, axis=1)
-    return {"photos": len(photos), "segments": int(measured_all.shape[1]), "measure_steps": steps, "tau": model.tau,
+    return {"regime": regime, "photos": len(photos), "segments": int(measured_all.shape[1]),
+            "measure_steps": steps if regime == "optimization" else None, "tau": tau,
             "spearman": {n: float(spearmanr(measured_all[s], predicted_all[s]).statistic) for s, n in enumerate(names)},
             "layer_map_agreement": agree / pixels}
 
@@ -67,12 +74,17 @@ def encoder_part(model, lpips, photos) -> dict:
         with torch.no_grad():
             wplus_only, _ = wplus_features(model, model.network("encoders").wplus(target))
         sam = sam_invert(model, lpips, img, mode="encoder")
+        oracle = sam_invert(model, lpips, img, mode="encoder", maps="measured")
         rows.append({"photo": name, "wplus_psnr": psnr(wplus_only, target).item(),
                      "wplus_lpips": lpips(wplus_only, target).item(), "sam_psnr": sam.metrics["psnr"],
-                     "sam_lpips": sam.metrics["lpips"], "space_share": sam.metrics["space_share"]})
-        print(f"  {name}: W+ encoder {rows[-1]['wplus_psnr']:.2f} dB -> encoder SAM {rows[-1]['sam_psnr']:.2f} dB")
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in ("wplus_psnr", "wplus_lpips", "sam_psnr", "sam_lpips")}
-    return {"mean": mean, "gain_db": mean["sam_psnr"] - mean["wplus_psnr"], "rows": rows}
+                     "sam_lpips": sam.metrics["lpips"], "space_share": sam.metrics["space_share"],
+                     "measured_maps_psnr": oracle.metrics["psnr"], "measured_maps_lpips": oracle.metrics["lpips"]})
+        print(f"  {name}: W+ encoder {rows[-1]['wplus_psnr']:.2f} dB -> encoder SAM {rows[-1]['sam_psnr']:.2f} dB "
+              f"(W+ {sam.metrics['space_share']['W+']:.0%}; measured maps {oracle.metrics['psnr']:.2f} dB)")
+    keys = ("wplus_psnr", "wplus_lpips", "sam_psnr", "sam_lpips", "measured_maps_psnr", "measured_maps_lpips")
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    mean["w_plus_share"] = float(np.mean([r["space_share"]["W+"] for r in rows]))
+    return {"tau": model.tau_for("encoder"), "mean": mean, "gain_db": mean["sam_psnr"] - mean["wplus_psnr"], "rows": rows}
 
 
 def optimize_part(model, lpips, photos, steps: int, hybrid_steps: list[int]) -> dict:
@@ -124,9 +136,10 @@ def main() -> None:
     parts = args.parts.split(",")
     result = {"model": model.name, "photos": [n for n, _ in photos]}
     if "predictor" in parts:
-        print("predictor: predicted vs measured invertibility maps")
-        result["predictor"] = predictor_part(model, lpips, photos, args.measure_steps)
-        print(json.dumps({k: v for k, v in result["predictor"].items()}, indent=1))
+        for regime, key in (("optimization", "predictor"), ("encoder", "encoder_predictor")):
+            print(f"{key}: predicted vs measured invertibility maps ({regime} regime)")
+            result[key] = predictor_part(model, lpips, photos, args.measure_steps, regime)
+            print(json.dumps(result[key], indent=1))
     if "encoder" in parts:
         print("encoder SAM vs W+ encoder")
         result["encoder"] = encoder_part(model, lpips, photos)

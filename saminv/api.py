@@ -30,8 +30,9 @@ def invert(image: str | Path | Image.Image | np.ndarray, model: ModelLike = "fac
     """SAM inversion of one photo (a path, a PIL image or an H x W x 3 uint8 array; centre-cropped and
     resized to the model's resolution). ``mode``: "encoder" (one feed-forward pass), "optimize",
     "hybrid" (encoder start, then ``steps`` of joint optimization); default: hybrid when the model has
-    trained encoders, else optimize. ``maps``: "predicted" or "measured" invertibility maps (default:
-    predicted when the model has a predictor). Returns a SamResult: ``image`` [3, R, R] in [-1, 1],
+    trained encoders, else optimize. ``maps``: "predicted" or "measured" invertibility maps of the mode's
+    regime (default: predicted when the model has that regime's predictor); ``tau``: default the model's
+    calibrated tau of that regime. Returns a SamResult: ``image`` [3, R, R] in [-1, 1],
     ``codes``, ``labels`` [R, R], ``names``, ``metrics``. Raises InputError for unreadable images or a
     mode the model lacks networks for."""
     m = _model(model)

@@ -1,7 +1,7 @@
 """``saminv bench``: latency, throughput and peak memory of the feed-forward path, per backend.
 
 The feed-forward path is mapping + every synthesis stage with SAM residuals (random masks and
-delta_f, keep = 0), i.e. what the runtime serves; for models with a trained predictor and encoders,
+delta_f, keep = 0), i.e. what the runtime serves; for models with trained encoders and encoder predictor,
 also the feed-forward inversion of a real photo (predictor, segments, encoders, compose). Backends:
 
 * ``eager``: the torch stages (:class:`saminv.export.stages.SynthesisStage`), no autograd;
@@ -148,9 +148,11 @@ def _backend(arch: str, backend: str, bundle: str, cfg: BenchConfig):
 
 def _inversion(model_spec: str, backend: str, bundle: str, manifest: dict, cfg: BenchConfig):
     """Feed-forward SAM inversion of a real photo (the astronaut face crop) as a callable, when the bundle
-    carries the predictor and encoders: Runtime.invert for onnxruntime, sam_invert(mode="encoder")
+    carries the encoder predictor and encoders: Runtime.invert for onnxruntime, sam_invert(mode="encoder")
     without evaluation metrics for eager; None otherwise."""
-    if not manifest.get("networks") or backend == "compiled":
+    networks = {n["name"] for n in manifest.get("networks", [])}
+    if not {"encoder_predictor", "encoder_wplus"} <= networks or manifest.get("tau_encoder") is None \
+            or backend == "compiled":
         return None
     from saminv.imageio import resize_square
     from saminv.photos import face_photo

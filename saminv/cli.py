@@ -484,22 +484,27 @@ def calibrate(model: str = typer.Option("faces64", help="A built-in name or mode
               images: Optional[list[Path]] = typer.Option(None, help="Validation photos or directories (default: 16 crops of scikit-image photos)."),
               steps: int = typer.Option(200, help="Optimization steps of the W+ inversions."),
               quantile: float = typer.Option(0.5, min=0.0, max=1.0, help="Quantile of per-segment W+ errors that becomes tau."),
+              regime: str = typer.Option("optimization", help="Whose errors: optimization (stores tau) or encoder "
+                                                               "(the W+ encoder's, stores tau_encoder; needs trained encoders)."),
               ) -> None:
     """Calibrate tau on validation photos and store it in the model's config.json."""
     from saminv.imageio import collect_images, load_image, resize_square
     from saminv.inversion.calibration import calibrate_tau, store_tau
     from saminv.models.lpips import LPIPS
+    from saminv.models.model_dir import REGIMES, TAU_KEYS
     from saminv.photos import validation_photos
 
+    if regime not in REGIMES:
+        raise InputError(f"--regime must be one of {', '.join(REGIMES)}, got {regime!r}")
     m = model_directory(model, "calibrate")
     r = m.generator.cfg.resolution
     if images:
         photos = [load_image(p, r) for p in collect_images(images)]
     else:
         photos = [resize_square(p, r) for p in validation_photos()]
-    tau, stats = calibrate_tau(m, LPIPS(), photos, steps=steps, quantile=quantile, progress=True)
-    store_tau(m.path, tau, stats)
-    typer.echo(f"tau = {tau:.4f} (quantile {quantile} of {stats['segments']} segment errors) -> {m.path / 'config.json'}")
+    tau, stats = calibrate_tau(m, LPIPS(), photos, steps=steps, quantile=quantile, progress=True, regime=regime)
+    store_tau(m.path, tau, stats, regime)
+    typer.echo(f"{TAU_KEYS[regime]} = {tau:.4f} (quantile {quantile} of {stats['segments']} segment errors) -> {m.path / 'config.json'}")
 
 
 @app.command("sample-photo")
@@ -551,7 +556,11 @@ def train_invertibility_data(out: Path = typer.Option(..., help="Data set direct
                              images: Optional[list[Path]] = typer.Option(None, help="Your photos or directories, added to the real-photo pool."),
                              count: int = typer.Option(1024, min=1, help="Images in the data set."),
                              shard_size: int = typer.Option(8, min=1, help="Images per shard (one inversion batch)."),
-                             steps: int = typer.Option(100, min=1, help="Optimization steps per single-space inversion."),
+                             steps: int = typer.Option(100, min=1, help="Optimization steps per single-space inversion "
+                                                                         "(optimization regime)."),
+                             regime: str = typer.Option("optimization", help="Who inverts: optimization (single-space "
+                                                                              "optimizations, minutes per shard) or encoder "
+                                                                              "(the model's encoders, seconds per shard)."),
                              seed: int = typer.Option(0),
                              rank: Optional[int] = typer.Option(None, help="This process's shard set (default: torchrun's RANK, else 0)."),
                              world: Optional[int] = typer.Option(None, help="Number of processes (default: torchrun's WORLD_SIZE, else 1)."),
@@ -562,6 +571,10 @@ def train_invertibility_data(out: Path = typer.Option(..., help="Data set direct
     from saminv.training.invertibility_data import DataConfig, generate_dataset
     from saminv.training.run import process_rank
 
+    from saminv.models.model_dir import REGIMES
+
+    if regime not in REGIMES:
+        raise InputError(f"--regime must be one of {', '.join(REGIMES)}, got {regime!r}")
     m = load_model(model)
     env_rank, env_world = process_rank()
     rank, world = env_rank if rank is None else rank, env_world if world is None else world
@@ -569,7 +582,7 @@ def train_invertibility_data(out: Path = typer.Option(..., help="Data set direct
         raise InputError(f"--rank {rank} must lie in [0, --world {world})")
     extra = [load_image(p, 4 * m.generator.cfg.resolution) for p in collect_images(images)] if images else None
     try:
-        written = generate_dataset(m, out, DataConfig(count, shard_size, steps, seed), rank, world, extra)
+        written = generate_dataset(m, out, DataConfig(count, shard_size, steps, seed, regime), rank, world, extra)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from None
     typer.echo(f"wrote {len(written)} shards to {out}")
@@ -580,7 +593,8 @@ INTO_HELP = "A built-in name or model directory that receives the weights when t
 
 @train_app.command("predictor")
 @reports_errors
-def train_predictor(data: Path = typer.Option(..., help="A data set from saminv train invertibility-data."),
+def train_predictor(data: Path = typer.Option(..., help="A data set from saminv train invertibility-data; its regime "
+                                                         "decides the network: predictor or encoder_predictor."),
                     out: Path = typer.Option(Path("runs/predictor"), help="Run directory (resumes from its checkpoint.pt)."),
                     steps: int = typer.Option(3000, min=1, help="Total steps to reach (a resumed run continues)."),
                     batch: int = typer.Option(16, min=1),
@@ -588,8 +602,8 @@ def train_predictor(data: Path = typer.Option(..., help="A data set from saminv 
                     device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
                     into: Optional[str] = typer.Option(None, help=INTO_HELP),
                     ) -> None:
-    """Train the invertibility predictor S_l: l2 regression of the per-space LPIPS error maps (paper Eq. 2)."""
-    from saminv.models.model_dir import save_network
+    """Train an invertibility predictor S_l: l2 regression of the per-space LPIPS error maps (paper Eq. 2)."""
+    from saminv.models.model_dir import PREDICTORS, save_network
     from saminv.training.predictor import PredictorConfig, PredictorTrainer
 
     target = model_directory(into, "--into") if into else None
@@ -600,10 +614,11 @@ def train_predictor(data: Path = typer.Option(..., help="A data set from saminv 
     if target is not None and run.spaces != [s.name for s in target.generator.spaces]:
         raise InputError(f"the data set's spaces {run.spaces} are not those of {target.name}")
     run.train()
-    typer.echo(f"predictor at step {run.step} -> {out / 'checkpoint.pt'}")
+    kind = PREDICTORS[run.regime]
+    typer.echo(f"{kind} at step {run.step} -> {out / 'checkpoint.pt'}")
     if target is not None:
-        save_network(target.path, "predictor", run.net, {"data": str(data), **run.record()})
-        typer.echo(f"predictor weights -> {target.path / 'predictor.safetensors'}")
+        save_network(target.path, kind, run.net, {"data": str(data), **run.record()})
+        typer.echo(f"{kind} weights -> {target.path / (kind + '.safetensors')}")
 
 
 @train_app.command("encoder")

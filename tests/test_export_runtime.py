@@ -67,7 +67,7 @@ def test_every_stage_matches_torch(bundle):
     assert [s["name"] for s in manifest["stages"]] == ["mapping", "F2", "F4", "F6", "F8"]
     assert all(s["max_abs_diff_vs_torch"] <= 1e-4 for s in manifest["stages"])
     assert manifest["opset"] == 18 and manifest["precision"] == "fp32"
-    networks = ["predictor", "encoder_wplus", "encoder_F2", "encoder_F4", "encoder_F6", "encoder_F8"]
+    networks = ["encoder_predictor", "encoder_wplus", "encoder_F2", "encoder_F4", "encoder_F6", "encoder_F8"]
     assert [n["name"] for n in manifest["networks"]] == networks
     assert all(n["max_abs_diff_vs_torch"] <= 1e-4 for n in manifest["networks"])
     assert manifest["networks"][0]["outputs"]["maps"] == ["N", 5, 64, 64]
@@ -174,7 +174,7 @@ def test_broken_bundles_get_one_clear_line(bundle, tmp_path, damage, message):
 
 @pytest.fixture()
 def bundle_without_networks(bundle, tmp_path):
-    """The faces64 bundle as a model without predictor and encoders exports it."""
+    """The faces64 bundle as a model without encoder predictor and encoders exports it."""
     out = tmp_path / "synthesis-only"
     shutil.copytree(bundle, out)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -192,8 +192,8 @@ def test_cli_export_refuses_existing_output_and_bundle_without_networks_says_so(
     photo = tmp_path / "a.png"
     Image.fromarray(face_photo("astronaut")).save(photo)
     res = runner.invoke(app, ["invert", "--bundle", str(bundle_without_networks), str(photo)])
-    assert res.exit_code == 2 and "no predictor or encoder_wplus" in res.output
-    with pytest.raises(BundleError, match="no predictor or encoder_wplus"):
+    assert res.exit_code == 2 and "no encoder_predictor or encoder_wplus" in res.output
+    with pytest.raises(BundleError, match="no encoder_predictor or encoder_wplus"):
         Runtime(bundle_without_networks).invert(np.zeros((64, 64, 3), np.uint8))
     assert open_bundle(bundle).manifest["model"] == "faces64"
 
@@ -210,7 +210,7 @@ def test_bench_reports_every_backend(tmp_path):
         assert "error" not in r, r
         assert r["end_to_end"]["median_ms"] > 0 and set(r["stages"]) == {"mapping", "F2", "F4", "F6", "F8"}
         assert set(r["throughput_img_s"]) == {"1", "2"} and r["peak_rss_mb"] > 10
-        assert r["invert"]["median_ms"] > 0  # faces64 ships the predictor and encoders
+        assert r["invert"]["median_ms"] > 0  # faces64 ships the encoder predictor and encoders
     assert "faces64 | onnxruntime" in format_table(report)
 
 

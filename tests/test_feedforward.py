@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 from saminv.cli import app
 from saminv.errors import InputError
 from saminv.imageio import resize_square
-from saminv.inversion.feedforward import encode, predicted_maps, wplus_features
+from saminv.inversion.feedforward import encode, encoder_error_maps, predicted_maps, wplus_features
 from saminv.inversion.optimize import InversionConfig
 from saminv.inversion.sam import sam_invert, space_masks, to_target
 from saminv.inversion.selection import layer_map
@@ -24,6 +25,7 @@ from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import load_model
 from saminv.photos import face_photo
 from saminv.training.encoders import EncoderTrainer
+from saminv.training.predictor import PredictorConfig, PredictorTrainer, load_shards
 
 runner = CliRunner()
 
@@ -107,18 +109,20 @@ def test_resumed_encoder_run_continues(trained):
 def test_every_mode_on_a_real_photo(lpips, face):
     """The shipped networks of faces64 on the held-out astronaut face."""
     model = load_model("faces64")
-    assert model.has_network("predictor") and model.has_network("encoders")
+    assert all(model.has_network(k) for k in ("predictor", "encoder_predictor", "encoders"))
     encoder = sam_invert(model, lpips, face, mode="encoder")
     assert encoder.single is None and encoder.metrics["maps"] == "predicted" and encoder.metrics["mode"] == "encoder"
+    assert encoder.metrics["tau"] == model.tau_for("encoder") != model.tau  # the encoder regime's own tau
     target = to_target(face)
     with torch.no_grad():
-        maps = predicted_maps(model, target, encoder.names)[0].numpy()
-        labels = layer_map(maps, face, model.tau)
+        maps = predicted_maps(model, target, encoder.names, "encoder")[0].numpy()
+        labels = layer_map(maps, face, model.tau_for("encoder"))
         again = encode(model, target, space_masks(model, labels, encoder.names)).render(model)
         wplus_only, _ = wplus_features(model, model.network("encoders").wplus(target))
     assert (encoder.labels == labels).all() and torch.allclose(again[0], encoder.image, atol=1e-5)
     assert 0 < encoder.metrics["space_share"]["W+"] < 1  # a real mix of spaces
-    assert encoder.metrics["psnr"] > psnr(wplus_only, target).item() + 1  # Δf encoders add detail
+    assert encoder.metrics["psnr"] > psnr(wplus_only, target).item()  # Δf encoders add detail where the map says
+    assert encoder.metrics["lpips"] < lpips(wplus_only, target).item()
 
     cfg = InversionConfig(steps=20)
     hybrid = sam_invert(model, lpips, face, mode="hybrid", cfg=cfg)
@@ -130,14 +134,88 @@ def test_every_mode_on_a_real_photo(lpips, face):
     assert predicted.metrics["seconds"] < measured.metrics["seconds"]  # no per-space inversions
 
 
-def test_modes_need_their_networks(face, lpips):
+def test_encoder_mode_measures_the_encoders_own_errors(lpips, face):
+    """Measured maps of encoder mode: one encoder pass per space, no optimization; F_k beats W+ on a real photo."""
+    model = load_model("faces64")
+    names = [s.name for s in model.generator.spaces]
+    target = to_target(face)
+    maps = encoder_error_maps(model, lpips, target, names)
+    assert maps.shape == (1, 5, 64, 64) and (maps >= 0).all()
+    with torch.no_grad():
+        wplus = model.network("encoders").wplus(target)
+        wplus_only, features = wplus_features(model, wplus)
+        f8 = model.network("encoders").deltas["F8"](target, wplus_only, features[8])
+        f8_image = model.generator.synthesis(wplus, {8: (torch.ones(1, 1, 1, 1), f8)})
+    assert torch.allclose(maps[0, 0], lpips(wplus_only, target, spatial=True)[0, 0], atol=1e-6)
+    assert torch.allclose(maps[0, 4], lpips(f8_image, target, spatial=True)[0, 0], atol=1e-6)
+    assert maps[0, 4].mean() < 0.7 * maps[0, 0].mean()  # the last feature space keeps far more detail
+    measured = sam_invert(model, lpips, face, mode="encoder", maps="measured")
+    assert measured.single is None and measured.metrics["maps"] == "measured"
+    assert (measured.labels == layer_map(maps[0].numpy(), face, model.tau_for("encoder"))).all()
+    assert measured.metrics["psnr"] > psnr(wplus_only, target).item() + 0.5
+
+
+def test_modes_need_their_networks_and_tau(face, lpips):
     bare = load_model("faces64")
-    bare.meta.pop("encoders", None)
-    bare.meta.pop("predictor", None)
+    for kind in ("encoders", "predictor", "encoder_predictor"):
+        bare.meta.pop(kind, None)
     with pytest.raises(InputError, match="no trained encoders"):
         sam_invert(bare, lpips, face, mode="encoder", maps="measured", cfg=InversionConfig(steps=1))
     with pytest.raises(InputError, match="no trained predictor"):
         sam_invert(bare, lpips, face, mode="optimize", maps="predicted", cfg=InversionConfig(steps=1))
+    with pytest.raises(InputError, match="saminv train predictor --regime encoder"):
+        predicted_maps(bare, to_target(face), ["W+"], "encoder")
+    bare.meta.pop("tau_encoder")
+    with pytest.raises(InputError, match="no calibrated tau for the encoder regime"):
+        bare.tau_for("encoder")
+    with pytest.raises(InputError, match="not W"):
+        sam_invert(load_model("faces64"), lpips, face, mode="encoder", names=["W", "F8"])
+
+
+def test_encoder_regime_data_trains_the_encoder_predictor(trained, tmp_path):
+    """Encoder-regime shards hold the encoders' own error maps; a predictor trained on them fits them better
+    and lands in the model directory as encoder_predictor; tau_encoder is calibrated on the encoders' errors."""
+    model, _ = trained
+    model_dir = tmp_path / "model"
+    shutil.copytree(model.path, model_dir)
+    data = tmp_path / "data"
+    res = runner.invoke(app, ["train", "invertibility-data", "--regime", "encoder", "--model", str(model_dir),
+                              "--out", str(data), "--count", "8", "--shard-size", "4"])
+    assert res.exit_code == 0, res.output
+    shard = np.load(data / "shard_00001.npz")
+    x = torch.from_numpy(shard["images"]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    measured = encoder_error_maps(model, LPIPS(), x, [str(n) for n in shard["spaces"]])
+    assert torch.allclose(torch.from_numpy(shard["errors"]).float(), measured, atol=2e-3)  # float16 storage
+    assert shard["reconstructions"].shape == (4, 5, 64, 64, 3)
+
+    run = PredictorTrainer(data, tmp_path / "run", PredictorConfig(steps=30, batch=4, checkpoint_every=15))
+    assert run.regime == "encoder"
+    images, errors, _ = load_shards(data)
+    x, y = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1), torch.from_numpy(errors)
+
+    def weighted_error() -> float:
+        run.net.eval()
+        with torch.no_grad():
+            return ((run.net(x) - y).square() * run.weights).mean().item()
+
+    before = weighted_error()
+    run.train(progress=False)
+    assert weighted_error() < 0.7 * before
+    res = runner.invoke(app, ["train", "predictor", "--data", str(data), "--steps", "31", "--batch", "2",
+                              "--out", str(tmp_path / "run"), "--into", str(model_dir)])
+    assert res.exit_code == 0, res.output
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["encoder_predictor"]["trained"]["steps"] == 31 and config["predictor"]["trained"]["steps"] == 0
+
+    photos = []
+    for name in ("lfw-7", "astronaut"):
+        photos += ["--images", str(tmp_path / f"{name}.png")]
+        Image.fromarray(face_photo(name)).save(photos[-1])
+    res = runner.invoke(app, ["calibrate", "--model", str(model_dir), "--regime", "encoder", *photos])
+    assert res.exit_code == 0, res.output
+    config = json.loads((model_dir / "config.json").read_text())
+    assert "W+ encoder" in config["tau_encoder_calibration"]["method"] and config["tau"] == model.tau
+    assert load_model(model_dir).tau_for("encoder") == config["tau_encoder"] > 0
 
 
 def test_training_runs_data_parallel_under_torchrun(tmp_path):

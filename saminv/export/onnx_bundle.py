@@ -2,13 +2,13 @@
 
 Bundle layout (read by :mod:`saminv.runtime`, which never imports torch)::
 
-    manifest.json        resolution, latent spaces and tensor shapes, tau, w_avg, preprocessing,
+    manifest.json        resolution, latent spaces and tensor shapes, tau and tau_encoder, w_avg, preprocessing,
                          opset, precision, versions, the torch-vs-ONNX check of every file and the
                          sha256 of every file
     mapping.onnx         z [N, z_dim] -> w [N, w_dim]
     F<k>.onnx            synthesis stage ending at latent space F_k (masked residual + editing blend)
     tail.onnx            the blocks after the last space -> image (when there are any)
-    predictor.onnx       image [N, 3, R, R] -> invertibility maps [N, S, R, R]   (when the model has one)
+    encoder_predictor.onnx  image [N, 3, R, R] -> the encoders' invertibility maps [N, S, R, R] (when the model has one)
     encoder_wplus.onnx   image -> w+ [N, n_latent, w_dim]                         (when the model has encoders)
     encoder_F<k>.onnx    (image, W+ reconstruction, F_k features) -> delta_f_k    (idem)
     directions.npz       the model's direction library (vectors [n_latent, w_dim]; layers in the manifest)
@@ -120,8 +120,8 @@ def network_exports(model: Model) -> list[tuple[str, nn.Module, dict[str, torch.
     g = torch.Generator().manual_seed(2)
     image = (torch.rand(2, 3, r, r, generator=g) * 2 - 1)
     out = []
-    if model.has_network("predictor"):
-        out.append(("predictor", model.network("predictor").cpu(), {"image": image}, ["maps"]))
+    if model.has_network("encoder_predictor"):  # the runtime inverts feed-forward: the encoder regime's S_l
+        out.append(("encoder_predictor", model.network("encoder_predictor").cpu(), {"image": image}, ["maps"]))
     if model.has_network("encoders"):
         nets = model.network("encoders").cpu()
         out.append(("encoder_wplus", nets.wplus, {"image": image}, ["wplus"]))
@@ -152,7 +152,7 @@ def export_bundle(model: Model, out: Path, fp16: bool = False, opset: int = DEFA
         "format": FORMAT, "version": FORMAT_VERSION, "model": model.name,
         "resolution": cfg.resolution, "z_dim": cfg.z_dim, "w_dim": cfg.w_dim, "n_latent": cfg.n_latent,
         "spaces": [{"name": s.name, "shape": list(s.shape)} for s in G.spaces],
-        "tau": model.tau, "w_avg": G.mapping.w_avg.tolist(),
+        "tau": model.tau, "tau_encoder": model.meta.get("tau_encoder"), "w_avg": G.mapping.w_avg.tolist(),
         "preprocessing": {"crop": "center square", "resize": "Lanczos to resolution", "layout": "NCHW RGB",
                           "range": [-1.0, 1.0], "dtype": "float32"},
         "precision": "fp16" if fp16 else "fp32", "opset": opset, "max_batch": max_batch, "noise_mode": "const",

@@ -1,7 +1,11 @@
 """Feed-forward SAM: invertibility maps from the predictor S_l and codes from the encoders.
 
-* :func:`predicted_maps`: one forward pass of the model's invertibility predictor (paper Eq. 2) gives
-  the per-space error maps that the optimization path measures by inverting in every space.
+* :func:`predicted_maps`: one forward pass of the model's invertibility predictor (paper Eq. 2) of a
+  regime gives the per-space error maps that would otherwise be measured by inverting in every space:
+  with the optimization (``optimization`` regime) or with the encoders (``encoder`` regime).
+* :func:`encode_each_space`, :func:`encoder_error_maps`: the encoder regime's measured maps: the LPIPS
+  spatial error (Eq. 1) of the encoders' inversion in each space alone (W+: the W+ encoder; F_k: plus
+  Δf_k everywhere). One pass per space, so measuring them is cheap (the encoder predictor's data).
 * :func:`wplus_features`: render w+ and keep the generator's F_k features (what the Δf encoders read).
 * :func:`encode`: phi = {w+, Δf_k} in one pass: the W+ encoder, the W+ reconstruction, then each
   masked F_k's Δf encoder; the composed image is paper Eq. 3-4 (``Codes.render``).
@@ -14,15 +18,17 @@ from torch import Tensor
 
 from saminv.errors import InputError
 from saminv.inversion.optimize import Codes
-from saminv.models.model_dir import Model
+from saminv.models.lpips import LPIPS
+from saminv.models.model_dir import PREDICTORS, Model
 from saminv.models.stylegan2 import NoiseMode
 
 
 @torch.no_grad()
-def predicted_maps(model: Model, images: Tensor, names: list[str]) -> Tensor:
+def predicted_maps(model: Model, images: Tensor, names: list[str], regime: str = "optimization") -> Tensor:
     """Predicted LPIPS error maps [N, S, R, R] (>= 0) of images [N, 3, R, R] in [-1, 1] for the spaces
-    ``names``. Raises InputError when the model has no predictor or the predictor lacks a space."""
-    net = model.network("predictor")
+    ``names``, by the predictor of ``regime`` ("optimization" or "encoder"). Raises InputError when the
+    model has no such predictor or the predictor lacks a space."""
+    net = model.network(PREDICTORS[regime])
     missing = [n for n in names if n not in net.spaces]
     if missing:
         raise InputError(f"the predictor of {model.name} has no map for {', '.join(missing)} (it has {net.spaces})")
@@ -53,3 +59,35 @@ def encode(model: Model, images: Tensor, masks: dict[int, Tensor], noise_mode: N
     deltas = {k: nets.deltas[f"F{k}"](images, reconstruction, features[k]) for k in used}
     n = images.shape[0]
     return Codes(wplus, deltas, {k: masks[k].expand(n, -1, -1, -1) for k in used})
+
+
+@torch.no_grad()
+def encode_each_space(model: Model, images: Tensor, names: list[str],
+                      noise_mode: NoiseMode = "const") -> tuple[Tensor, Tensor]:
+    """The encoders' inversion of images [N, 3, R, R] in [-1, 1] in each space of ``names`` alone ("W+" or
+    "F<k>"; F_k = the encoder's w+ plus Δf_k with a mask of ones): (w+ [N, n_latent, w_dim], renders
+    [S, N, 3, R, R]). Raises InputError when the model has no encoders."""
+    nets = model.network("encoders")
+    wplus = nets.wplus(images)
+    reconstruction, features = wplus_features(model, wplus, noise_mode)
+    renders = []
+    for name in names:
+        if name == "W+":
+            renders.append(reconstruction)
+            continue
+        k = int(name[1:])
+        delta = nets.deltas[name](images, reconstruction, features[k])
+        renders.append(model.generator.synthesis(wplus, {k: (delta.new_ones(1, 1, 1, 1), delta)}, noise_mode=noise_mode))
+    return wplus, torch.stack(renders)
+
+
+@torch.no_grad()
+def encoder_error_maps(model: Model, lpips: LPIPS, images: Tensor, names: list[str],
+                       noise_mode: NoiseMode = "const") -> Tensor:
+    """Measured encoder-regime invertibility: LPIPS spatial error maps [N, S, R, R] (>= 0) of images
+    [N, 3, R, R] in [-1, 1] inverted by the encoders in each space of ``names`` alone
+    (:func:`encode_each_space`). Raises InputError when the model has no encoders."""
+    _, renders = encode_each_space(model, images, names, noise_mode)
+    s, n = renders.shape[:2]
+    errors = lpips(renders.flatten(0, 1), images.repeat(s, 1, 1, 1), spatial=True)[:, 0]
+    return errors.view(s, n, *errors.shape[-2:]).transpose(0, 1)

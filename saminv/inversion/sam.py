@@ -1,8 +1,11 @@
 """Spatially-Adaptive Multilayer Selection (SAM, Parmar et al. 2022, Sec. 3).
 
 1. Invertibility maps, one per latent space (W+, F_k): ``measured`` = invert the image in every space
-   (all spaces in one batch) and take the LPIPS spatial error map e_l of each reconstruction (paper
-   Eq. 1); ``predicted`` = one pass of the model's invertibility predictor S_l (Eq. 2).
+   and take the LPIPS spatial error map e_l of each reconstruction (paper Eq. 1); ``predicted`` = one
+   pass of the model's invertibility predictor S_l (Eq. 2). Invertibility depends on who inverts, so
+   maps and tau belong to a regime: encoder mode uses the encoders' errors (measured: one encoder pass
+   per space; predicted: the ``encoder_predictor``; ``tau_encoder``), optimize and hybrid modes the
+   optimization's (measured: single-space optimizations, all spaces in one batch; ``predictor``; ``tau``).
 2. Segment the image class-agnostically (SLIC superpixels) and average each map over each segment.
 3. Per segment, walk the spaces from least to most editable (F_last ... W+) and assign the segment to
    every space whose mean error is <= tau: the last match (the most editable that passes) wins; if
@@ -25,7 +28,7 @@ from torch import Tensor
 
 from saminv.errors import InputError
 from saminv.imageio import to_tensor_range
-from saminv.inversion.feedforward import encode, predicted_maps
+from saminv.inversion.feedforward import encode, encoder_error_maps, predicted_maps
 from saminv.inversion.optimize import (
     Codes,
     InversionConfig,
@@ -35,7 +38,7 @@ from saminv.inversion.optimize import (
 from saminv.inversion.selection import layer_map
 from saminv.metrics import psnr
 from saminv.models.lpips import LPIPS
-from saminv.models.model_dir import Model
+from saminv.models.model_dir import PREDICTORS, Model
 
 
 def space_index(name: str) -> int | None:
@@ -119,6 +122,12 @@ def default_mode(model: Model) -> str:
     return "hybrid" if model.has_network("encoders") else "optimize"
 
 
+def regime_of(mode: str) -> str:
+    """The inversion regime whose invertibility maps and tau a mode uses: the encoders' for encoder
+    mode; the optimization's for optimize and hybrid (hybrid's codes end optimized)."""
+    return "encoder" if mode == "encoder" else "optimization"
+
+
 @dataclass
 class SamResult:
     """SAM inversion of one image. ``image`` [3, R, R] in [-1, 1]; ``labels`` [R, R] into ``names``;
@@ -139,34 +148,42 @@ def sam_invert(model: Model, lpips: LPIPS | None, image: np.ndarray, tau: float 
     """Invert an R x R x 3 uint8 image with SAM (see the module doc for ``mode`` and ``maps``).
 
     ``names``: the latent spaces to choose from, most editable first (default: the model's spaces).
-    ``tau``: the threshold (default: the model's calibrated tau). ``mode`` defaults to
-    :func:`default_mode`; ``maps`` to predicted when the model has a predictor, else measured.
+    ``mode`` defaults to :func:`default_mode`; ``tau`` to the model's calibrated tau of the mode's regime
+    (:func:`regime_of`); ``maps`` to predicted when the model has that regime's predictor, else measured.
     ``evaluate=False`` leaves PSNR and LPIPS of the reconstruction out of the metrics (latency benchmarks);
     ``lpips`` may then be None in encoder mode with predicted maps (the only mode that needs no LPIPS).
-    Raises KeyError on unknown spaces, InputError when the mode or maps need a network the model lacks.
+    Raises KeyError on unknown spaces, InputError when the mode or maps need a network or a tau the
+    model lacks, or when encoder mode is asked for the W space (the encoders give w+).
     """
     t0 = time.time()
     G = model.generator
     device = G.mapping.w_avg.device
-    tau = model.tau if tau is None else tau
     mode = mode or default_mode(model)
-    maps = maps or ("predicted" if model.has_network("predictor") else "measured")
-    if mode not in MODES or maps not in MAPS:
-        raise InputError(f"mode must be one of {MODES} and maps one of {MAPS}, got {mode!r}, {maps!r}")
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+    regime = regime_of(mode)
+    maps = maps or ("predicted" if model.has_network(PREDICTORS[regime]) else "measured")
+    if maps not in MAPS:
+        raise InputError(f"maps must be one of {MAPS}, got {maps!r}")
     names = names or [s.name for s in G.spaces]
     for name in names:
         if name != "W":
             G.space(name)  # raises KeyError for a space this model does not have
+    if mode == "encoder" and "W" in names:
+        raise InputError("encoder mode inverts in W+ and the F_k spaces, not W")
     if mode != "optimize":
         model.network("encoders")  # fail before any work when the model has none
+    tau = model.tau_for(regime) if tau is None else tau
     target = to_target(image, device)
 
     single = None
-    if maps == "measured":
+    if maps == "predicted":
+        error_maps = predicted_maps(model, target, names, regime)[0]
+    elif regime == "encoder":
+        error_maps = encoder_error_maps(model, lpips, target, names)[0]
+    else:
         single = invert_spaces(model, lpips, target, names, cfg, progress)
         error_maps = single.error_maps[:, 0]
-    else:
-        error_maps = predicted_maps(model, target, names)[0]
     labels = layer_map(error_maps.cpu().numpy(), image, tau, n_segments)
     masks = space_masks(model, labels, names, device)
 

@@ -6,8 +6,11 @@ the generator state_dict plus the W-prior statistics used by the Mahalanobis reg
 (``w_prior.mean`` [w_dim], ``w_prior.precision`` [w_dim, w_dim], both float32).
 
 Trained feed-forward networks join the directory as ``<kind>.safetensors`` (float16 weights) with
-an entry ``config.json[kind]`` (constructor arguments, sha256, how they were trained): ``predictor``
-(the invertibility predictor S_l) and ``encoders`` (the W+ and Δf encoders).
+an entry ``config.json[kind]`` (constructor arguments, sha256, how they were trained): ``encoders``
+(the W+ and Δf encoders) and one invertibility predictor S_l per inversion regime (:data:`PREDICTORS`):
+``predictor`` regresses the errors the optimization leaves in each space, ``encoder_predictor`` the
+errors the encoders leave. Each regime has its own calibrated tau (``tau``, ``tau_encoder``): the
+encoders leave about ten times the optimization's error, so one threshold cannot serve both.
 
 ``--model`` accepts a built-in name (a directory inside ``saminv/builtin``), a model directory or a
 rosinality ``.pt`` (converted once into a cache directory, see :mod:`saminv.models.checkpoints`).
@@ -37,6 +40,9 @@ FORMAT_VERSION = 1
 DEFAULT_TAU = 0.225  # the official SAM default, used until a model is calibrated
 PRIOR_SLOPE = 5.0  # LeakyReLU(w, 5) undoes the mapping's last LeakyReLU(0.2) before the Gaussian fit
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
+REGIMES = ("optimization", "encoder")  # who inverts: per-image optimization, or the feed-forward encoders
+PREDICTORS = {"optimization": "predictor", "encoder": "encoder_predictor"}  # network kind of each regime's S_l
+TAU_KEYS = {"optimization": "tau", "encoder": "tau_encoder"}  # config.json key of each regime's tau
 
 
 @dataclass
@@ -84,8 +90,18 @@ class Model:
             net.to(device)
         return self
 
+    def tau_for(self, regime: str) -> float:
+        """The calibrated tau of an inversion regime (:data:`REGIMES`). Raises InputError when the
+        encoder regime's tau was never calibrated."""
+        if regime == "optimization":
+            return self.tau
+        if TAU_KEYS[regime] not in self.meta:
+            raise InputError(f"model {self.name} has no calibrated tau for the {regime} regime "
+                             f"(saminv calibrate --regime {regime})")
+        return float(self.meta[TAU_KEYS[regime]])
+
     def has_network(self, kind: str) -> bool:
-        """Whether the directory holds trained ``kind`` weights ("predictor" or "encoders")."""
+        """Whether the directory holds trained ``kind`` weights (a :data:`PREDICTORS` kind or "encoders")."""
         return kind in self.networks or (kind in self.meta and self.path is not None)
 
     def network(self, kind: str) -> torch.nn.Module:
@@ -94,7 +110,8 @@ class Model:
         Raises InputError when the model has none or its file is broken."""
         if kind not in self.networks:
             if not self.has_network(kind):
-                raise InputError(f"model {self.name} has no trained {kind} (train one: saminv train {kind})")
+                how = {"encoder_predictor": "predictor --regime encoder"}.get(kind, kind)
+                raise InputError(f"model {self.name} has no trained {kind} (train one: saminv train {how})")
             self.networks[kind] = _load_network(self.path, kind, self.meta[kind]).to(self.generator.mapping.w_avg.device)
         return self.networks[kind]
 
@@ -159,7 +176,7 @@ def load_model_dir(path: Path) -> Model:
 
 
 def _network_class(kind: str) -> type[torch.nn.Module]:
-    if kind == "predictor":
+    if kind in PREDICTORS.values():
         from saminv.models.predictor import InvertibilityPredictor
 
         return InvertibilityPredictor
@@ -167,7 +184,7 @@ def _network_class(kind: str) -> type[torch.nn.Module]:
         from saminv.models.encoders import SamEncoders
 
         return SamEncoders
-    raise ValueError(f"unknown network kind {kind!r} (expected predictor or encoders)")
+    raise ValueError(f"unknown network kind {kind!r} (expected {', '.join(PREDICTORS.values())} or encoders)")
 
 
 def _load_network(path: Path, kind: str, entry: dict) -> torch.nn.Module:

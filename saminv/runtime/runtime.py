@@ -114,7 +114,7 @@ class Runtime:
         m = self.bundle.manifest
         self.resolution, self.n_latent, self.w_dim, self.z_dim = m["resolution"], m["n_latent"], m["w_dim"], m["z_dim"]
         self.w_avg = np.asarray(m["w_avg"], dtype=np.float32)
-        self.tau = m.get("tau")
+        self.tau = m.get("tau_encoder")  # the runtime inverts with the encoders: their regime's tau
         self.providers = list(providers or ["CPUExecutionProvider"])
         self.device = "cuda" if any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in self.providers) else "cpu"
         options = ort.SessionOptions()
@@ -225,16 +225,19 @@ class Runtime:
         return images[0] if np.isscalar(strength) else np.stack(images)
 
     def require_inversion_networks(self) -> None:
-        """Raise BundleError unless the bundle carries the predictor and the W+ encoder."""
-        missing = [n for n in ("predictor", "encoder_wplus") if n not in self.sessions]
+        """Raise BundleError unless the bundle carries the encoder predictor, the W+ encoder and tau_encoder."""
+        missing = [n for n in ("encoder_predictor", "encoder_wplus") if n not in self.sessions]
         if missing:
             raise BundleError(f"{self.bundle.path}: this bundle has no {' or '.join(missing)}; export a model "
-                              "trained with them (saminv train predictor / saminv train encoder)")
+                              "trained with them (saminv train encoder / saminv train predictor --regime encoder)")
+        if self.tau is None:
+            raise BundleError(f"{self.bundle.path}: the manifest has no tau_encoder; calibrate the model "
+                              "(saminv calibrate --regime encoder) and export it again")
 
     def invert(self, image: str | Path | Image.Image | np.ndarray) -> RuntimeInversion:
         """Feed-forward SAM inversion of one image (a path, a PIL image or an H x W x 3 uint8 array;
-        centre-cropped and resized to the bundle's resolution): the predictor's invertibility maps, the
-        layer map by segments and tau, the W+ encoder, the W+ reconstruction's F_k features, the Δf
+        centre-cropped and resized to the bundle's resolution): the encoder predictor's invertibility maps,
+        the layer map by segments and tau (``self.tau``, the manifest's tau_encoder), the W+ encoder, the W+ reconstruction's F_k features, the Δf
         encoders of the spaces in use, and the composed image (paper Eq. 3-4). Raises BundleError when
         the bundle has no predictor or encoders, InputError for an unreadable image."""
         self.require_inversion_networks()
@@ -242,7 +245,7 @@ class Runtime:
             resize_square(image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)), self.resolution)
         x = to_tensor_range(pixels)
         names = [s["name"] for s in self.bundle.manifest["spaces"]]
-        maps = self.run_stage("predictor", {"image": x}, ["maps"])[0].numpy()[0]
+        maps = self.run_stage("encoder_predictor", {"image": x}, ["maps"])[0].numpy()[0]
         labels = layer_map(maps, pixels, self.tau)
         wplus = self.run_stage("encoder_wplus", {"image": x}, ["wplus"])[0].numpy()
         features: dict = {}

@@ -1,5 +1,11 @@
-"""Training data for the invertibility predictor (SAM paper Sec. 3.2): images whose invertibility varies
+"""Training data for the invertibility predictors (SAM paper Sec. 3.2): images whose invertibility varies
 across each image, inverted in every latent space, with the LPIPS spatial error maps e_l (Eq. 1).
+
+Each data set belongs to one inversion regime (``DataConfig.regime``): ``optimization`` inverts with
+single-space optimizations (``steps`` each, all spaces of a shard in one batch; minutes per shard on a
+CPU), ``encoder`` with the model's trained encoders (one pass per space; seconds per shard). The
+predictor trained on it (``saminv train predictor``) is that regime's (``predictor`` or
+``encoder_predictor``). Encoder data must be remade whenever the encoders change.
 
 No large photo collection exists offline, so images come from four sources, picked by item index:
 
@@ -30,6 +36,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from saminv.imageio import atomic_write, from_tensor_range, resize_square, save_json
+from saminv.inversion.feedforward import encode_each_space, encoder_error_maps
 from saminv.inversion.optimize import InversionConfig
 from saminv.inversion.sam import invert_spaces
 from saminv.models.lpips import LPIPS
@@ -47,8 +54,9 @@ class DataConfig:
 
     count: int = 1024
     shard_size: int = 8
-    steps: int = 100
+    steps: int = 100  # optimization steps per single-space inversion (optimization regime)
     seed: int = 0
+    regime: str = "optimization"  # or "encoder" (the model's encoders invert)
 
 
 def training_photos(extra: list[np.ndarray] | None = None) -> list[np.ndarray]:
@@ -160,14 +168,18 @@ def generate_shard(source: ImageSource, lpips: LPIPS, k: int, cfg: DataConfig, n
     items = [source.image(i) for i in range(start, stop)]
     images = np.stack([img for img, _ in items])
     target = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    torch.manual_seed(cfg.seed * 100_003 + k)
-    inv = invert_spaces(model, lpips, target, names, InversionConfig(steps=cfg.steps))
-    recon = np.stack([[from_tensor_range(inv.images[s, b].numpy()) for s in range(len(names))]
+    if cfg.regime == "encoder":
+        wplus, renders = encode_each_space(model, target, names)
+        errors = encoder_error_maps(model, lpips, target, names)
+    else:
+        torch.manual_seed(cfg.seed * 100_003 + k)
+        inv = invert_spaces(model, lpips, target, names, InversionConfig(steps=cfg.steps))
+        renders, errors = inv.images, inv.error_maps.permute(1, 0, 2, 3)
+        wplus = inv.codes.wplus.view(len(names), len(items), *inv.codes.wplus.shape[1:])[names.index("W+")]
+    recon = np.stack([[from_tensor_range(renders[s, b].numpy()) for s in range(len(names))]
                       for b in range(len(items))])
-    w_index = names.index("W+")
-    wplus = inv.codes.wplus.view(len(names), len(items), *inv.codes.wplus.shape[1:])[w_index]
     return {"images": images, "reconstructions": recon,
-            "errors": inv.error_maps.permute(1, 0, 2, 3).numpy().astype(np.float16),
+            "errors": errors.numpy().astype(np.float16),
             "wplus": wplus.numpy().astype(np.float16), "sources": np.array([s for _, s in items]),
             "spaces": np.array(names)}
 
@@ -177,12 +189,14 @@ def generate_dataset(model: Model, out: Path, cfg: DataConfig, rank: int = 0, wo
     """Write this process's missing shards into ``out`` (resumable). Returns the shards it wrote.
 
     Raises ValueError when ``out`` holds a data set made with other settings."""
+    if cfg.regime == "encoder":
+        model.network("encoders")  # raises InputError before any work when the model has none
     out.mkdir(parents=True, exist_ok=True)
     names = [s.name for s in model.generator.spaces]
     info = {"model": model.name, "spaces": names, "extra_photos": len(extra_photos or []), **asdict(cfg)}
     info_path = out / "info.json"
     if info_path.is_file():  # a data set may grow (--count), but items must be made the same way
-        existing = json.loads(info_path.read_text())
+        existing = {"regime": "optimization", **json.loads(info_path.read_text())}
         if {k: v for k, v in existing.items() if k != "count"} != {k: v for k, v in info.items() if k != "count"}:
             raise ValueError(f"{out} holds a data set with other settings ({existing}); use another --out")
     if rank == 0 and (not info_path.is_file() or json.loads(info_path.read_text())["count"] < cfg.count):

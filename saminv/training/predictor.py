@@ -1,5 +1,9 @@
-"""Training the invertibility predictor S_l on shards of ``saminv train invertibility-data`` (paper Eq. 2:
+"""Training an invertibility predictor S_l on shards of ``saminv train invertibility-data`` (paper Eq. 2:
 l2 regression of the LPIPS spatial error maps of each latent space).
+
+The data set's regime (its ``info.json``) decides which predictor this trains: ``optimization`` data
+(single-space optimizations) -> ``predictor``; ``encoder`` data (the encoders' single-space passes) ->
+``encoder_predictor`` (:data:`saminv.models.model_dir.PREDICTORS`).
 
 The data set is small enough to hold in memory (uint8 images, float16 maps). Each step samples a
 batch, flips it horizontally at random (images and maps together), and minimises the squared error
@@ -11,6 +15,7 @@ optimizer, step) and ``log.jsonl`` in the run directory.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,6 +52,13 @@ def load_shards(data: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return np.concatenate(images), np.concatenate(errors), spaces
 
 
+def data_regime(data: Path) -> str:
+    """The inversion regime a data set was made with (``info.json``; data sets older than regimes are
+    optimization data)."""
+    info = Path(data) / "info.json"
+    return json.loads(info.read_text()).get("regime", "optimization") if info.is_file() else "optimization"
+
+
 class PredictorTrainer(TrainingRun):
     """One training run in ``out_dir`` on the data set ``data`` (resumes from its checkpoint)."""
 
@@ -55,6 +67,7 @@ class PredictorTrainer(TrainingRun):
     def __init__(self, data: Path, out_dir: Path, cfg: PredictorConfig, device: str = "cpu") -> None:
         super().__init__(out_dir, cfg.checkpoint_every, device)
         self.images, self.errors, self.spaces = load_shards(data)
+        self.regime = data_regime(data)
         self.cfg, self.device, self.total_steps = cfg, device, cfg.steps
         torch.manual_seed(cfg.seed)
         self.net = InvertibilityPredictor(self.spaces).to(device)
