@@ -1,8 +1,8 @@
 """Feed-forward SAM on the held-out real photos (issue: feed-forward SAM, "Done when").
 
-Four measurements, each on photos no training step saw (:func:`saminv.photos.held_out_photos`):
+Five measurements, each on photos no training step saw (:func:`saminv.photos.held_out_photos`):
 
-* ``predictor``  predicted vs measured invertibility, for each regime's predictor: per space, the Spearman
+* ``predictor``, ``encoder_predictor``  predicted vs measured invertibility, per regime: per space, the Spearman
   correlation of the per-segment mean errors (segments of all photos pooled; measured = single-space
   optimizations with the data set's step budget, or single-space encoder passes), and the share of
   pixels whose layer map (the regime's tau) agrees;
@@ -13,7 +13,7 @@ Four measurements, each on photos no training step saw (:func:`saminv.photos.hel
 * ``latency``    encoder mode, one 64 x 64 photo, the ``saminv.invert`` code path: median and p95 of
   ``--runs`` runs after 5 warm-up runs, on the threads torch has (OMP_NUM_THREADS=2 on CI machines).
 
-    OMP_NUM_THREADS=2 python benchmarks/feedforward_faces.py [--parts predictor,encoder,optimize,latency]
+    OMP_NUM_THREADS=2 python benchmarks/feedforward_faces.py [--parts predictor,encoder_predictor,encoder,optimize,latency]
         [--lfw 9] [--optimize-photos 6] [--out docs/feedforward_bench.json]
 """
 
@@ -119,7 +119,7 @@ def latency_part(model, lpips, image: np.ndarray, runs: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="faces64")
-    ap.add_argument("--parts", default="predictor,encoder,optimize,latency")
+    ap.add_argument("--parts", default="predictor,encoder_predictor,encoder,optimize,latency")
     ap.add_argument("--lfw", type=int, default=9, help="Held-out LFW faces to include (of 100).")
     ap.add_argument("--measure-steps", type=int, default=100, help="Steps of the single-space inversions that measure maps.")
     ap.add_argument("--steps", type=int, default=InversionConfig.steps, help="Optimization steps of optimize mode.")
@@ -135,8 +135,8 @@ def main() -> None:
     photos = [(name, resize_square(img, r)) for name, img in held_out_photos(args.lfw)]
     parts = args.parts.split(",")
     result = {"model": model.name, "photos": [n for n, _ in photos]}
-    if "predictor" in parts:
-        for regime, key in (("optimization", "predictor"), ("encoder", "encoder_predictor")):
+    for regime, key in (("optimization", "predictor"), ("encoder", "encoder_predictor")):
+        if key in parts:
             print(f"{key}: predicted vs measured invertibility maps ({regime} regime)")
             result[key] = predictor_part(model, lpips, photos, args.measure_steps, regime)
             print(json.dumps(result[key], indent=1))
