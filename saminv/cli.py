@@ -143,7 +143,8 @@ def parse_spaces(spaces: Optional[str], available: list[str]) -> list[str] | Non
 def invert(paths: list[Path] = typer.Argument(..., help="Images or directories of images."),
            model: str = typer.Option("faces64", help=MODEL_HELP),
            out: Path = typer.Option(Path("saminv-out"), help="Output root; one folder per image, never overwritten."),
-           tau: Optional[float] = typer.Option(None, help="Invertibility threshold (default: the model's calibrated tau)."),
+           tau: Optional[float] = typer.Option(None, help="Invertibility threshold (default: the model's calibrated tau of "
+                                                         "the mode's regime: tau_encoder in encoder mode and with --bundle)."),
            steps: int = typer.Option(200, min=1, help="Optimization steps, per stage (single-space and SAM)."),
            spaces: Optional[str] = typer.Option(None, help="Comma-separated latent spaces to choose from (default: all of the model's)."),
            segments: int = typer.Option(48, min=1, help="Number of SLIC superpixels."),
