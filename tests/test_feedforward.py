@@ -163,7 +163,7 @@ def test_modes_need_their_networks_and_tau(face, lpips):
         sam_invert(bare, lpips, face, mode="encoder", maps="measured", cfg=InversionConfig(steps=1))
     with pytest.raises(InputError, match="no trained predictor"):
         sam_invert(bare, lpips, face, mode="optimize", maps="predicted", cfg=InversionConfig(steps=1))
-    with pytest.raises(InputError, match="saminv train predictor --regime encoder"):
+    with pytest.raises(InputError, match="saminv train invertibility-data --regime encoder, then saminv train predictor"):
         predicted_maps(bare, to_target(face), ["W+"], "encoder")
     bare.meta.pop("tau_encoder")
     with pytest.raises(InputError, match="no calibrated tau for the encoder regime"):

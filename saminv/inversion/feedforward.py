@@ -62,11 +62,12 @@ def encode(model: Model, images: Tensor, masks: dict[int, Tensor], noise_mode: N
 
 
 @torch.no_grad()
-def encode_each_space(model: Model, images: Tensor, names: list[str],
-                      noise_mode: NoiseMode = "const") -> tuple[Tensor, Tensor]:
+def encode_each_space(model: Model, lpips: LPIPS, images: Tensor, names: list[str],
+                      noise_mode: NoiseMode = "const") -> tuple[Tensor, Tensor, Tensor]:
     """The encoders' inversion of images [N, 3, R, R] in [-1, 1] in each space of ``names`` alone ("W+" or
     "F<k>"; F_k = the encoder's w+ plus Δf_k with a mask of ones): (w+ [N, n_latent, w_dim], renders
-    [S, N, 3, R, R]). Raises InputError when the model has no encoders."""
+    [S, N, 3, R, R] in [-1, 1], LPIPS spatial error maps [N, S, R, R] >= 0). Raises InputError when the
+    model has no encoders."""
     nets = model.network("encoders")
     wplus = nets.wplus(images)
     reconstruction, features = wplus_features(model, wplus, noise_mode)
@@ -78,7 +79,10 @@ def encode_each_space(model: Model, images: Tensor, names: list[str],
         k = int(name[1:])
         delta = nets.deltas[name](images, reconstruction, features[k])
         renders.append(model.generator.synthesis(wplus, {k: (delta.new_ones(1, 1, 1, 1), delta)}, noise_mode=noise_mode))
-    return wplus, torch.stack(renders)
+    renders = torch.stack(renders)
+    s, n = renders.shape[:2]
+    errors = lpips(renders.flatten(0, 1), images.repeat(s, 1, 1, 1), spatial=True)[:, 0]
+    return wplus, renders, errors.view(s, n, *errors.shape[-2:]).transpose(0, 1)
 
 
 @torch.no_grad()
@@ -87,7 +91,4 @@ def encoder_error_maps(model: Model, lpips: LPIPS, images: Tensor, names: list[s
     """Measured encoder-regime invertibility: LPIPS spatial error maps [N, S, R, R] (>= 0) of images
     [N, 3, R, R] in [-1, 1] inverted by the encoders in each space of ``names`` alone
     (:func:`encode_each_space`). Raises InputError when the model has no encoders."""
-    _, renders = encode_each_space(model, images, names, noise_mode)
-    s, n = renders.shape[:2]
-    errors = lpips(renders.flatten(0, 1), images.repeat(s, 1, 1, 1), spatial=True)[:, 0]
-    return errors.view(s, n, *errors.shape[-2:]).transpose(0, 1)
+    return encode_each_space(model, lpips, images, names, noise_mode)[2]

@@ -110,7 +110,7 @@ class Model:
         Raises InputError when the model has none or its file is broken."""
         if kind not in self.networks:
             if not self.has_network(kind):
-                how = {"encoder_predictor": "predictor --regime encoder"}.get(kind, kind)
+                how = {"encoder_predictor": "invertibility-data --regime encoder, then saminv train predictor"}.get(kind, kind)
                 raise InputError(f"model {self.name} has no trained {kind} (train one: saminv train {how})")
             self.networks[kind] = _load_network(self.path, kind, self.meta[kind]).to(self.generator.mapping.w_avg.device)
         return self.networks[kind]

@@ -229,7 +229,8 @@ class Runtime:
         missing = [n for n in ("encoder_predictor", "encoder_wplus") if n not in self.sessions]
         if missing:
             raise BundleError(f"{self.bundle.path}: this bundle has no {' or '.join(missing)}; export a model "
-                              "trained with them (saminv train encoder / saminv train predictor --regime encoder)")
+                              "trained with them (saminv train encoder; saminv train invertibility-data --regime encoder, "
+                              "then saminv train predictor)")
         if self.tau is None:
             raise BundleError(f"{self.bundle.path}: the manifest has no tau_encoder; calibrate the model "
                               "(saminv calibrate --regime encoder) and export it again")

@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from saminv.imageio import atomic_write, from_tensor_range, resize_square, save_json
-from saminv.inversion.feedforward import encode_each_space, encoder_error_maps
+from saminv.inversion.feedforward import encode_each_space
 from saminv.inversion.optimize import InversionConfig
 from saminv.inversion.sam import invert_spaces
 from saminv.models.lpips import LPIPS
@@ -169,8 +169,7 @@ def generate_shard(source: ImageSource, lpips: LPIPS, k: int, cfg: DataConfig, n
     images = np.stack([img for img, _ in items])
     target = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     if cfg.regime == "encoder":
-        wplus, renders = encode_each_space(model, target, names)
-        errors = encoder_error_maps(model, lpips, target, names)
+        wplus, renders, errors = encode_each_space(model, lpips, target, names)
     else:
         torch.manual_seed(cfg.seed * 100_003 + k)
         inv = invert_spaces(model, lpips, target, names, InversionConfig(steps=cfg.steps))
