@@ -6,7 +6,11 @@ also the feed-forward inversion of a real photo (predictor, segments, encoders, 
 
 * ``eager``: the torch stages (:class:`saminv.export.stages.SynthesisStage`), no autograd;
 * ``compiled``: the same under ``torch.compile`` (inductor);
-* ``onnxruntime``: the exported bundle through the torch-free :class:`saminv.runtime.Runtime` (CPU EP).
+* ``onnxruntime``: the exported bundle through the torch-free :class:`saminv.runtime.Runtime` (CPU EP);
+* on an NVIDIA GPU: ``cuda`` and ``cuda-compiled`` (the torch stages on CUDA; the masked residual is
+  the fused Triton kernel, and ``cuda`` also times that kernel against the plain ops per latent space),
+  ``tensorrt`` and ``tensorrt-fused`` (engines built from the bundle, the latter with the masked-residual
+  plugin). GPU times include copying the numpy inputs to the device and end with a synchronize.
 
 Architectures: ``faces64`` (or any model spec) and randomly initialised config-f generators ``256``,
 ``1024`` (speed does not depend on trained weights). Each (architecture, backend) runs in a fresh
@@ -30,7 +34,8 @@ import numpy as np
 
 from saminv.runtime.runtime import run_synthesis
 
-BACKENDS = ("eager", "compiled", "onnxruntime")
+GPU_BACKENDS = ("cuda", "cuda-compiled", "tensorrt", "tensorrt-fused")
+BACKENDS = ("eager", "compiled", "onnxruntime", *GPU_BACKENDS)
 
 
 @dataclass
@@ -121,29 +126,70 @@ def _worker(arch: str, backend: str, bundle: str, cfg: BenchConfig, queue) -> No
 
 
 def _backend(arch: str, backend: str, bundle: str, cfg: BenchConfig):
-    """(mapping(z) -> w numpy, run_stage(name, feeds, outputs)) of a backend, on the bundle's stages."""
+    """(mapping(z) -> w numpy, run_stage(name, feeds, outputs), sync()) of a backend, on the bundle's
+    stages; ``sync`` waits for queued GPU work. Raises RuntimeError for a GPU backend without CUDA."""
     if backend == "onnxruntime":
         from saminv.runtime import Runtime
 
         rt = Runtime(bundle, threads=cfg.threads)
-        return rt.mapping, rt.run_stage
+        return rt.mapping, rt.run_stage, lambda: None
     import torch
-
-    from saminv.export.stages import MappingStage, SynthesisStage, plan_stages
 
     torch.set_num_threads(cfg.threads)
     torch.set_grad_enabled(False)
+    device = "cuda" if backend in GPU_BACKENDS else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{backend} needs a CUDA GPU")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if backend.startswith("tensorrt"):
+        from saminv.engines.tensorrt_engines import EngineStages, build_engines
+
+        fused = backend == "tensorrt-fused"
+        build_engines(Path(bundle), fused_residual=fused, log=lambda s: None)
+        engines = EngineStages(Path(bundle), fused_residual=fused)
+
+        def run_engine(name: str, feeds: dict, outputs: list[str]):
+            got = engines.run(name, {k: torch.as_tensor(v, device=device) for k, v in feeds.items()})
+            return [got[o] for o in outputs]
+
+        return (lambda z: run_engine("mapping", {"z": z}, ["w"])[0].cpu().numpy()), run_engine, sync
+
+    from saminv.export.stages import MappingStage, SynthesisStage, plan_stages
+
     G = build_model(arch).generator
     mods = {"mapping": MappingStage(G), **{p.name: SynthesisStage(G, p) for p in plan_stages(G)}}
-    if backend == "compiled":
+    mods = {k: v.to(device) for k, v in mods.items()}
+    if backend.endswith("compiled"):
         # All stages share SynthesisStage.forward: one compiled graph per (stage, batch size).
         torch._dynamo.config.recompile_limit = 64
         mods = {k: torch.compile(v, dynamic=False) for k, v in mods.items()}
 
     def run_stage(name: str, feeds: dict, outputs: list[str]):
-        return mods[name](*(torch.as_tensor(v) for v in feeds.values()))
+        return mods[name](*(torch.as_tensor(v, device=device) for v in feeds.values()))
 
-    return (lambda z: mods["mapping"](torch.from_numpy(z)).numpy()), run_stage
+    return (lambda z: mods["mapping"](torch.from_numpy(z).to(device)).cpu().numpy()), run_stage, sync
+
+
+def _residual_timings(stages: list[dict], resolution: int, cfg: BenchConfig, batch: int = 8) -> dict:
+    """Fused (Triton) vs plain-ops masked residual on CUDA, per latent space: median ms at ``batch``."""
+    import torch
+
+    from saminv.ops.masked_residual import masked_residual, masked_residual_reference
+
+    out = {}
+    for s in stages:
+        if s["space"] is None:
+            continue
+        c, r = s["inputs"]["delta"][1], s["inputs"]["delta"][2]
+        x, delta = torch.randn(2, batch, c, r, r, device="cuda")
+        mask = (torch.rand(batch, 1, resolution, resolution, device="cuda") > 0.5).float()
+        times = {}
+        for kind, fn in (("fused", masked_residual), ("plain", masked_residual_reference)):
+            times[kind] = _stats(_timed(lambda fn=fn: (fn(x, mask, delta), torch.cuda.synchronize()),
+                                        cfg.runs, cfg.warmup))["median_ms"]
+        out[s["space"]] = {"fused_ms": times["fused"], "plain_ms": times["plain"],
+                           "speedup": times["plain"] / times["fused"]}
+    return out
 
 
 def _inversion(model_spec: str, backend: str, bundle: str, manifest: dict, cfg: BenchConfig):
@@ -152,7 +198,7 @@ def _inversion(model_spec: str, backend: str, bundle: str, manifest: dict, cfg: 
     without evaluation metrics for eager; None otherwise."""
     networks = {n["name"] for n in manifest.get("networks", [])}
     if not {"encoder_predictor", "encoder_wplus"} <= networks or manifest.get("tau_encoder") is None \
-            or backend == "compiled":
+            or backend not in ("eager", "onnxruntime"):
         return None
     from saminv.imageio import resize_square
     from saminv.photos import face_photo
@@ -172,15 +218,17 @@ def _inversion(model_spec: str, backend: str, bundle: str, manifest: dict, cfg: 
 def _measure(arch: str, backend: str, bundle: str, cfg: BenchConfig) -> dict:
     manifest = json.loads((Path(bundle) / "manifest.json").read_text())
     stages = [s for s in manifest["stages"] if s["name"] != "mapping"]
-    mapping, run_stage = _backend(arch, backend, bundle, cfg)
+    mapping, run_stage, sync = _backend(arch, backend, bundle, cfg)
     n_latent, resolution = manifest["n_latent"], manifest["resolution"]
 
     def make(n):
         z, masks, deltas = _inputs(manifest, stages, n)
 
         def end_to_end():
-            return run_synthesis(run_stage, stages, resolution, np.repeat(mapping(z)[:, None], n_latent, axis=1),
-                                 deltas, masks)
+            image = run_synthesis(run_stage, stages, resolution, np.repeat(mapping(z)[:, None], n_latent, axis=1),
+                                  deltas, masks)
+            sync()
+            return image
 
         return end_to_end, z, masks, deltas
 
@@ -192,7 +240,7 @@ def _measure(arch: str, backend: str, bundle: str, cfg: BenchConfig) -> dict:
         fns = {"mapping": lambda: mapping(z)}
         for s in stages:
             outputs = ["image"] if s["space"] is None else ["f_out", "rgb_blend", "rgb_out"]
-            fns[s["name"]] = lambda name=s["name"], outputs=outputs: run_stage(name, feeds_log[name], outputs)
+            fns[s["name"]] = lambda name=s["name"], outputs=outputs: (run_stage(name, feeds_log[name], outputs), sync())
         return fns
 
     t_setup = time.perf_counter()
@@ -210,6 +258,12 @@ def _measure(arch: str, backend: str, bundle: str, cfg: BenchConfig) -> dict:
     if invert is not None:
         result["invert"] = _stats(_timed(invert, cfg.runs, cfg.warmup))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if backend in GPU_BACKENDS:
+        import torch
+
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        if backend == "cuda":
+            result["masked_residual"] = _residual_timings(stages, resolution, cfg)
     return result
 
 
@@ -270,4 +324,9 @@ def format_table(report: dict) -> str:
                         f" | {r['peak_rss_mb']:.0f} | {invert} | {stages} |")
         rows.append(f"| {arch} | floor ({entry['gflop_per_image']:.1f} GFLOP / "
                     f"{report['machine']['fp32_gemm_gflops']:.0f} GFLOP/s) | {entry['floor_ms']:.2f} | | 1.00 | | |")
+    residual = [(arch, space, t) for arch, entry in report["archs"].items()
+                for space, t in entry["backends"].get("cuda", {}).get("masked_residual", {}).items()]
+    if residual:
+        rows += ["", "| arch | space | fused masked residual ms | plain ops ms | speed-up |", "|---|---|---|---|---|"]
+        rows += [f"| {a} | {sp} | {t['fused_ms']:.3f} | {t['plain_ms']:.3f} | {t['speedup']:.2f}x |" for a, sp, t in residual]
     return "\n".join(rows)

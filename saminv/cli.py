@@ -440,18 +440,21 @@ def engines_build(bundle: Path = typer.Argument(..., help="A bundle written by s
                   max_batch: Optional[int] = typer.Option(None, help="Largest batch (default: the bundle's)."),
                   opt_batch: int = typer.Option(1, min=1, help="Batch the engines are tuned for."),
                   workspace_gb: float = typer.Option(4.0, help="Builder workspace limit in GiB."),
+                  fused_residual: bool = typer.Option(False, help="Run each masked residual as saminv's fused "
+                                                      "plugin (Triton; needs torch where the engines run; "
+                                                      "plans not version-compatible)."),
                   ) -> None:
     """Build version-compatible TensorRT plans for this GPU (keyed by TensorRT version and compute capability)."""
     from saminv.engines.tensorrt_engines import build_engines
 
-    folder = build_engines(bundle, max_batch, opt_batch, workspace_gb, log=typer.echo)
+    folder = build_engines(bundle, max_batch, opt_batch, workspace_gb, fused_residual, log=typer.echo)
     typer.echo(f"wrote {folder}")
 
 
 @app.command()
 @reports_errors
 def bench(archs: str = typer.Option("faces64,256", help="Comma-separated: model specs and/or 256, 1024 (random config-f)."),
-          backends: str = typer.Option("eager,compiled,onnxruntime", help="Comma-separated: eager, compiled, onnxruntime."),
+          backends: str = typer.Option("eager,compiled,onnxruntime", help="Comma-separated: eager, compiled, onnxruntime; with an NVIDIA GPU also cuda, cuda-compiled, tensorrt, tensorrt-fused."),
           runs: int = typer.Option(50, min=1, help="Timed runs per latency (after --warmup)."),
           warmup: int = typer.Option(5, min=0),
           batches: str = typer.Option("1,8,32", help="Batch sizes for throughput."),

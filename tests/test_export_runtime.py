@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image
@@ -75,6 +76,10 @@ def test_every_stage_matches_torch(bundle):
     assert set(manifest["files"]) == {"mapping.onnx", "F2.onnx", "F4.onnx", "F6.onnx", "F8.onnx", "directions.npz",
                                       *(f"{n}.onnx" for n in networks)}
     assert manifest["stages"][2]["inputs"]["delta"] == ["N", 128, 16, 16]
+    for name in ["F2", "F4", "F6", "F8"]:  # the masked residual is one node with its plain-ops function
+        stage = onnx.load(str(bundle / f"{name}.onnx"))
+        assert [n.op_type for n in stage.graph.node if n.domain == "saminv"] == ["MaskedResidual"]
+        assert [(f.domain, f.name) for f in stage.functions] == [("saminv", "MaskedResidual")]
 
 
 def test_runtime_renders_the_sam_image_of_real_codes(bundle, codes_file, model):
@@ -201,7 +206,8 @@ def test_cli_export_refuses_existing_output_and_bundle_without_networks_says_so(
 def test_bench_reports_every_backend(tmp_path):
     from saminv.bench import BenchConfig, format_table, run_bench
 
-    report = run_bench(["faces64"], ["eager", "onnxruntime"], BenchConfig(runs=3, warmup=1, batches=(1, 2), throughput_runs=1),
+    backends = ["eager", "onnxruntime"] + ([] if torch.cuda.is_available() else ["cuda"])
+    report = run_bench(["faces64"], backends, BenchConfig(runs=3, warmup=1, batches=(1, 2), throughput_runs=1),
                        log=lambda s: None)
     entry = report["archs"]["faces64"]
     assert entry["gflop_per_image"] > 0.5 and report["machine"]["fp32_gemm_gflops"] > 1
@@ -212,6 +218,9 @@ def test_bench_reports_every_backend(tmp_path):
         assert set(r["throughput_img_s"]) == {"1", "2"} and r["peak_rss_mb"] > 10
         assert r["invert"]["median_ms"] > 0  # faces64 ships the encoder predictor and encoders
     assert "faces64 | onnxruntime" in format_table(report)
+    if not torch.cuda.is_available():  # a GPU backend here is a one-line failure row, not a crash
+        assert entry["backends"]["cuda"] == {"error": "RuntimeError: cuda needs a CUDA GPU"}
+        assert "faces64 | cuda | failed: RuntimeError: cuda needs a CUDA GPU" in format_table(report)
 
 
 def test_runtime_inverts_a_photo_like_torch(bundle, model, tmp_path):

@@ -23,6 +23,7 @@ from saminv.editing.directions import Direction
 from saminv.inversion.optimize import Codes
 from saminv.models.model_dir import Model
 from saminv.models.stylegan2 import NoiseMode
+from saminv.ops.masked_residual import masked_residual
 
 
 class Editor:
@@ -39,7 +40,7 @@ class Editor:
 
         def record(k: int, x: Tensor, skip: Tensor | None) -> tuple[Tensor, Tensor | None]:
             if k in codes.deltas:
-                x = x + codes.masks[k] * codes.deltas[k]
+                x = masked_residual(x, codes.masks[k], codes.deltas[k])
                 self.unedited[k] = (x, skip)
             return x, skip
 
@@ -56,7 +57,7 @@ class Editor:
             if k not in codes.deltas:
                 return x, skip
             mask = codes.masks[k]
-            x = x + mask * codes.deltas[k]
+            x = masked_residual(x, mask, codes.deltas[k])
             x_orig, skip_orig = self.unedited[k]
             x = torch.lerp(x, x_orig, mask)
             if skip is not None:

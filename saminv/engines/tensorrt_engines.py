@@ -9,6 +9,11 @@ plan (``BuilderFlag.VERSION_COMPATIBLE``) reusing and updating a timing cache, a
     BUNDLE/engines/trt<version>-sm<major><minor>/engines.json   (versions, capability, sha256, flags)
     BUNDLE/engines/timing.cache
 
+With ``fused_residual`` the masked residual of each space stage runs as the plugin of
+:mod:`saminv.engines.residual_plugin` instead of TensorRT's own resize, multiply and add; those plans
+call back into Python (Triton), so they are built without version compatibility and live in
+``trt<version>-sm<major><minor>-fused/``.
+
 ``EngineStages`` runs the plans with torch CUDA tensors as buffers (``execute_async_v3`` on torch's
 current stream), so no pycuda is involved. Plans are keyed by TensorRT version and GPU compute
 capability; a mismatch is reported, never silently used.
@@ -32,8 +37,18 @@ def _tensorrt():
     return trt
 
 
-def engine_key(trt_version: str, capability: tuple[int, int]) -> str:
-    return f"trt{trt_version}-sm{capability[0]}{capability[1]}"
+def _register_plugin() -> None:
+    from saminv.engines.residual_plugin import register_plugin
+
+    try:
+        register_plugin()
+    except ImportError:
+        raise InputError("the fused masked residual needs TensorRT's Python plugin API (tensorrt.plugin, "
+                         "TensorRT >= 10.7) and Triton") from None
+
+
+def engine_key(trt_version: str, capability: tuple[int, int], fused_residual: bool = False) -> str:
+    return f"trt{trt_version}-sm{capability[0]}{capability[1]}" + ("-fused" if fused_residual else "")
 
 
 def _capability() -> tuple[int, int]:
@@ -44,16 +59,30 @@ def _capability() -> tuple[int, int]:
     return torch.cuda.get_device_capability()
 
 
+def _stage_onnx(path: Path, fused_residual: bool) -> bytes:
+    """The stage file's bytes as TensorRT should parse them (masked residuals routed to the plugin)."""
+    if not fused_residual:
+        return path.read_bytes()
+    import onnx
+
+    from saminv.engines.residual_plugin import plugin_ready_onnx
+
+    return plugin_ready_onnx(onnx.load(str(path)))[0].SerializeToString()
+
+
 def build_engines(bundle: Path, max_batch: int | None = None, opt_batch: int = 1, workspace_gb: float = 4.0,
-                  log=print) -> Path:
+                  fused_residual: bool = False, log=print) -> Path:
     """Build one plan per stage of ``bundle``; returns the engine directory. Raises InputError when
-    TensorRT or a GPU is missing, or a stage does not parse/build."""
+    TensorRT or a GPU is missing, TensorRT has no Python plugin API for ``fused_residual``, or a stage
+    does not parse/build."""
     from saminv.runtime.bundle import open_bundle
 
     trt = _tensorrt()
     b = open_bundle(bundle)
     capability = _capability()
-    out = b.path / "engines" / engine_key(trt.__version__, capability)
+    if fused_residual:
+        _register_plugin()
+    out = b.path / "engines" / engine_key(trt.__version__, capability, fused_residual)
     out.mkdir(parents=True, exist_ok=True)
     max_batch = max_batch or b.manifest.get("max_batch", 32)
     logger = trt.Logger(trt.Logger.WARNING)
@@ -61,17 +90,18 @@ def build_engines(bundle: Path, max_batch: int | None = None, opt_batch: int = 1
     cache_path = b.path / "engines" / "timing.cache"
     cache = builder.create_builder_config().create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     record = {"tensorrt": trt.__version__, "compute_capability": list(capability), "max_batch": max_batch,
-              "opt_batch": opt_batch, "flags": ["VERSION_COMPATIBLE", "STRONGLY_TYPED"],
-              "precision": b.manifest["precision"], "plans": {}}
+              "opt_batch": opt_batch, "flags": ["STRONGLY_TYPED"] if fused_residual else ["VERSION_COMPATIBLE", "STRONGLY_TYPED"],
+              "fused_residual": fused_residual, "precision": b.manifest["precision"], "plans": {}}
     for stage in b.manifest["stages"]:
         network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
         parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(b.path / stage["file"])):
+        if not parser.parse(_stage_onnx(b.path / stage["file"], fused_residual), str(b.path / stage["file"])):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise InputError(f"{stage['file']}: TensorRT cannot parse it ({errors[:300]})")
         config = builder.create_builder_config()  # one per stage: its own optimization profile
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        if not fused_residual:
+            config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
         config.set_timing_cache(cache, ignore_mismatch=False)
         profile = builder.create_optimization_profile()
         for name, shape in stage["inputs"].items():
@@ -95,15 +125,18 @@ def build_engines(bundle: Path, max_batch: int | None = None, opt_batch: int = 1
 class EngineStages:
     """Deserialized plans of a bundle for this GPU, run with torch CUDA tensors as I/O buffers."""
 
-    def __init__(self, bundle: Path) -> None:
+    def __init__(self, bundle: Path, fused_residual: bool = False) -> None:
         import torch
 
         trt = _tensorrt()
-        key = engine_key(trt.__version__, _capability())
+        key = engine_key(trt.__version__, _capability(), fused_residual)
         folder = Path(bundle) / "engines" / key
         index = folder / "engines.json"
         if not index.is_file():
-            raise InputError(f"{bundle}: no engines for {key} (run saminv engines build on this machine)")
+            flag = " --fused-residual" if fused_residual else ""
+            raise InputError(f"{bundle}: no engines for {key} (run saminv engines build{flag} on this machine)")
+        if fused_residual:
+            _register_plugin()  # the plans call the plugin's Python implementation
         record = json.loads(index.read_text())
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.runtime.engine_host_code_allowed = True  # version-compatible plans carry their lean runtime

@@ -40,6 +40,7 @@ from saminv.export.stages import MappingStage, StagePlan, SynthesisStage, output
 from saminv.imageio import atomic_write, file_sha256
 from saminv.inversion.feedforward import wplus_features
 from saminv.models.model_dir import Model
+from saminv.ops.masked_residual import ONNX_DOMAIN, onnx_function
 from saminv.outputs import write_dir
 from saminv.runtime.runtime import run_synthesis
 
@@ -63,6 +64,17 @@ def _export(module: nn.Module, inputs: dict[str, torch.Tensor], outputs: list[st
                                     output_names=outputs, dynamic_shapes=specs,
                                     dynamo=True, opset_version=opset, verbose=False)
     program.save(str(path))
+    _add_local_functions(path, opset)
+
+
+def _add_local_functions(path: Path, opset: int) -> None:
+    """Give the file's ``saminv::MaskedResidual`` nodes their model-local function (plain ops)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    if any(node.domain == ONNX_DOMAIN for node in model.graph.node):
+        model.functions.append(onnx_function(opset))
+        onnx.save(model, str(path))
 
 
 def _shapes(tensors: dict[str, torch.Tensor] | list[torch.Tensor], names: list[str] | None = None) -> dict[str, list]:

@@ -5,7 +5,7 @@ previous space up to block k/2 (g_{i->k}) and applies, before that block's ToRGB
 of paper Eq. 3 and the editing blend (Sec. 3.4, see :mod:`saminv.editing.edit`)::
 
     m      = area_resize(mask, r)                     # mask [N, 1, R, R] in [0, 1] at image size
-    f_k    = g(f_i, skip_i, w+) + m * delta           # the masked residual
+    f_k    = g(f_i, skip_i, w+) + m * delta           # the masked residual (one ONNX node, see saminv.ops)
     f_k    = lerp(f_k,  f_keep,   m * keep)           # editing: keep the unedited F_k (keep = 1)
     skip   = lerp(skip, skip_keep, m * keep)          # ... and the unedited incoming RGB
     rgb    = ToRGB(f_k) + skip
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saminv.models.stylegan2 import Generator, NoiseMode
+from saminv.ops.masked_residual import exported_masked_residual
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class SynthesisStage(nn.Module):
 
         def residual_and_blend(k: int, x: Tensor, skip_in: Tensor | None) -> tuple[Tensor, Tensor | None]:
             weight = m * keep
-            x = torch.lerp(x + (m * delta).to(x.dtype), f_keep.to(x.dtype), weight.to(x.dtype))
+            x = torch.lerp(exported_masked_residual(x, mask, delta), f_keep.to(x.dtype), weight.to(x.dtype))
             skip_in = torch.lerp(skip_in, skip_keep, weight)
             seen["skip_in"] = skip_in
             return x, skip_in

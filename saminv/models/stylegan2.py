@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from saminv.ops.masked_residual import masked_residual
+
 NoiseMode = Literal["const", "random", "none"]
 NOISE_MODES = ("const", "random", "none")
 
@@ -348,7 +350,7 @@ class Synthesis(nn.Module):
                 if k not in residuals:
                     return x, skip
                 mask, delta = residuals[k]
-                return x + mask * delta, skip
+                return masked_residual(x, mask, delta), skip
         return self.run(ws, noise_mode=noise_mode, hook=hook)[1]
 
 
