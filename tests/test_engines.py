@@ -39,6 +39,8 @@ def test_mask_broadcasts_over_the_batch_and_out_receives_the_result():
     assert got is out and torch.allclose(out, masked_residual_reference(x, mask.expand(3, -1, -1, -1), delta))
     x16 = x.half()
     assert masked_residual(x16, mask, delta).dtype == torch.float16
+    weight = torch.tensor([0.0, 0.5, 1.0]).view(3, 1, 1, 1)  # one weight per image
+    assert torch.allclose(masked_residual(x, weight, delta), x + weight * delta)
 
 
 def _function_model(x_type: int):

@@ -114,12 +114,15 @@ def masked_residual(x: Tensor, mask: Tensor, delta: Tensor, out: Tensor | None =
     """Fused ``x + area_resize(mask) * delta`` on CUDA with Triton; the reference ops elsewhere and
     whenever autograd records (the kernel has no backward).
 
-    x, delta: [N, C, r, r], float32 or float16; mask: [N or 1, 1, R, R] float32 with R a multiple of r.
-    ``out`` (CUDA, like x) receives the result when given (the TensorRT plugin writes into its output).
+    x, delta: [N, C, r, r], float32 or float16; mask: [N or 1, 1, R, R] float32 with R a multiple of r,
+    or [N or 1, 1, 1, 1] (one weight per image). ``out`` (like x) receives the result when given (the
+    TensorRT plugin writes into its output buffer).
     """
     global _kernel
     assert x.shape == delta.shape and mask.shape[1] == 1 and mask.shape[0] in (1, x.shape[0]), \
         (x.shape, mask.shape, delta.shape)
+    if mask.shape[-2:] == (1, 1):
+        mask = mask.expand(-1, -1, *x.shape[-2:])
     assert mask.shape[-1] % x.shape[-1] == 0, (mask.shape, x.shape)
     records_grad = torch.is_grad_enabled() and (x.requires_grad or mask.requires_grad or delta.requires_grad)
     if records_grad or not (x.is_cuda and triton_available()):
