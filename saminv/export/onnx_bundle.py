@@ -53,7 +53,8 @@ FP16_MIN_PSNR = 40.0
 
 def _export(module: nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str], path: Path, opset: int,
             max_batch: int) -> None:
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    # the example inputs have batch 2, and torch.export needs a range, so the graphs allow at least 2
+    batch = torch.export.Dim("batch", min=1, max=max(max_batch, 2))
     specs = tuple({0: batch} for _ in inputs)
     first = next(iter(inspect.signature(module.forward).parameters.values()))
     if first.kind == inspect.Parameter.VAR_POSITIONAL:  # forward(*inputs): one spec for the tuple
