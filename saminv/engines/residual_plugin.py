@@ -15,7 +15,9 @@ Engines that use the plugin run a Python callback, so they need this module impo
 Triton) where they run; :class:`saminv.engines.tensorrt_engines.EngineStages` does that.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: tensorrt.plugin reads the plugin functions' type hints
+# as objects (TensorDesc, Tensor, Tuple[Tensor]).
+from typing import Tuple
 
 from saminv.ops.masked_residual import ONNX_DOMAIN, ONNX_OP
 
@@ -56,7 +58,7 @@ def register_plugin() -> None:
         return x.like()
 
     @trtp.impl(PLUGIN_ID)
-    def _run(x: trtp.Tensor, mask: trtp.Tensor, delta: trtp.Tensor, outputs: tuple[trtp.Tensor], stream: int) -> None:
+    def _run(x: trtp.Tensor, mask: trtp.Tensor, delta: trtp.Tensor, outputs: Tuple[trtp.Tensor], stream: int) -> None:
         import torch
 
         from saminv.ops.masked_residual import masked_residual
