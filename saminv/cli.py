@@ -444,7 +444,8 @@ def engines_build(bundle: Path = typer.Argument(..., help="A bundle written by s
                                                       "plugin (Triton; needs torch where the engines run; "
                                                       "plans not version-compatible)."),
                   ) -> None:
-    """Build version-compatible TensorRT plans for this GPU (keyed by TensorRT version and compute capability)."""
+    """Build TensorRT plans for this GPU, keyed by TensorRT version and compute capability (version-compatible
+    unless --fused-residual)."""
     from saminv.engines.tensorrt_engines import build_engines
 
     folder = build_engines(bundle, max_batch, opt_batch, workspace_gb, fused_residual, log=typer.echo)
