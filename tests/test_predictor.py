@@ -1,5 +1,7 @@
 """The invertibility predictor S_l: shapes, and that training on real inversion data fits it."""
 
+import json
+
 import pytest
 import torch
 
@@ -45,6 +47,10 @@ def test_training_fits_measured_error_maps(data, tmp_path):
     run.train(progress=False)
     assert mse() < 0.5 * before
     assert run.step == 40 and (tmp_path / "checkpoint.pt").is_file()
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert lrs[:31] == [pytest.approx(1e-3)] * 31  # constant, then the cosine ramp-down over the last 25 %
+    assert all(a > b for a, b in zip(lrs[30:], lrs[31:])) and lrs[-1] < 3e-5
+    assert run.opt.param_groups[1]["lr"] == pytest.approx(0.1 * run.opt.param_groups[0]["lr"])  # ImageNet trunk
     resumed = PredictorTrainer(data, tmp_path, PredictorConfig(steps=40, batch=4))
     assert resumed.step == 40
 

@@ -46,11 +46,12 @@ class InversionConfig:
 
 
 def projector_lr(step: int, steps: int, base: float, rampup: float = 0.05, rampdown: float = 0.25) -> float:
-    """StyleGAN2-projector schedule: linear warm-up over ``rampup``, cosine ramp-down over ``rampdown``."""
+    """StyleGAN2-projector schedule: linear warm-up over ``rampup``, cosine ramp-down over ``rampdown``
+    (both fractions of ``steps``; ``rampup=0`` starts at ``base``)."""
     t = step / max(steps, 1)
     ramp = min(1.0, (1.0 - t) / rampdown)
     ramp = 0.5 - 0.5 * math.cos(ramp * math.pi)
-    return base * ramp * min(1.0, t / rampup)
+    return base * ramp * (min(1.0, t / rampup) if rampup > 0 else 1.0)
 
 
 @dataclass

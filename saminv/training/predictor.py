@@ -9,7 +9,9 @@ The data set is small enough to hold in memory (uint8 images, float16 maps). Eac
 batch, flips it horizontally at random (images and maps together), and minimises the squared error
 between predicted and measured maps, each space's divided by the variance of its maps in the data
 (so the small F_k errors count as much as W+'s). The ImageNet backbone trains with a 10x smaller learning
-rate and its BatchNorm statistics frozen (small CPU batches). Resumable: ``checkpoint.pt`` (weights,
+rate and its BatchNorm statistics frozen (small CPU batches). Learning rates are constant, then ramp
+down to zero along a cosine over the last ``rampdown`` of the steps (the StyleGAN2-projector ramp, no
+warm-up), so the final weights are not one noisy Adam step among many. Resumable: ``checkpoint.pt`` (weights,
 optimizer, step) and ``log.jsonl`` in the run directory.
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saminv.inversion.optimize import projector_lr
 from saminv.models.fpn import pretrained_trunk_groups
 from saminv.models.predictor import InvertibilityPredictor
 from saminv.training.run import TrainingRun
@@ -33,6 +36,7 @@ class PredictorConfig:
     batch: int = 16
     lr: float = 1e-3
     backbone_lr_scale: float = 0.1
+    rampdown: float = 0.25
     checkpoint_every: int = 200
     seed: int = 0
 
@@ -76,6 +80,7 @@ class PredictorTrainer(TrainingRun):
         # each space's squared error in units of its variance: F6/F8 errors are 10x smaller than W+'s
         self.weights = torch.from_numpy(1.0 / self.errors.var(axis=(0, 2, 3))).view(1, -1, 1, 1).to(device)
         self.opt = torch.optim.Adam(pretrained_trunk_groups(self.net, self.net.pyramid, cfg.lr, cfg.backbone_lr_scale))
+        self.base_lrs = [group["lr"] for group in self.opt.param_groups]
         self.resume(device)
         self.rng = np.random.default_rng([cfg.seed, self.step, self.rank])  # batches: own stream per rank and resume
 
@@ -98,7 +103,9 @@ class PredictorTrainer(TrainingRun):
     def train_step(self) -> dict[str, float]:
         self.net.train()
         self.net.pyramid.backbone.eval()  # frozen BatchNorm statistics
+        for group, base in zip(self.opt.param_groups, self.base_lrs):
+            group["lr"] = projector_lr(self.step, self.total_steps, base, rampup=0.0, rampdown=self.cfg.rampdown)
         x, y = self.batch()
         loss = ((self.net(x) - y).square() * self.weights).mean()
         self.optimizer_step(self.opt, loss)
-        return {"loss": loss.item()}
+        return {"loss": loss.item(), "lr": self.opt.param_groups[0]["lr"]}
