@@ -7,7 +7,8 @@ Five measurements, each on photos no training step saw (:func:`saminv.photos.hel
   optimizations with the data set's step budget, or single-space encoder passes), and the share of
   pixels whose layer map (the regime's tau) agrees;
 * ``encoder``    encoder SAM (encoder-regime predicted masks, W+ and Δf encoders) vs the W+ encoder alone:
-  PSNR, LPIPS; and encoder SAM with measured encoder maps (what a perfect predictor would give);
+  PSNR, LPIPS; encoder SAM with measured encoder maps (what a perfect predictor would give); and the PSNR
+  of each single-space encoder inversion (W+, or w+ plus Δf_k everywhere; paper Figure 3's ordering);
 * ``optimize``   SAM optimization with predicted maps vs measured maps (same steps): PSNR, seconds;
   plus hybrid mode (encoder start + joint optimization) at a few step budgets;
 * ``latency``    encoder mode, one 64 x 64 photo, the ``saminv.invert`` code path: median and p95 of
@@ -29,7 +30,7 @@ import torch
 from scipy.stats import spearmanr
 
 from saminv.imageio import resize_square
-from saminv.inversion.feedforward import encoder_error_maps, predicted_maps, wplus_features
+from saminv.inversion.feedforward import encode_each_space, encoder_error_maps, predicted_maps
 from saminv.inversion.optimize import InversionConfig
 from saminv.inversion.sam import invert_spaces, sam_invert, to_target
 from saminv.inversion.selection import layer_map, segment, segment_means
@@ -71,19 +72,22 @@ def encoder_part(model, lpips, photos) -> dict:
     rows = []
     for name, img in photos:
         target = to_target(img)
+        names = [s.name for s in model.generator.spaces]
         with torch.no_grad():
-            wplus_only, _ = wplus_features(model, model.network("encoders").wplus(target))
+            _, singles, _ = encode_each_space(model, lpips, target, names)  # singles[0]: the W+ encoder alone
         sam = sam_invert(model, lpips, img, mode="encoder")
         oracle = sam_invert(model, lpips, img, mode="encoder", maps="measured")
-        rows.append({"photo": name, "wplus_psnr": psnr(wplus_only, target).item(),
-                     "wplus_lpips": lpips(wplus_only, target).item(), "sam_psnr": sam.metrics["psnr"],
+        rows.append({"photo": name, "wplus_psnr": psnr(singles[0], target).item(),
+                     "wplus_lpips": lpips(singles[0], target).item(), "sam_psnr": sam.metrics["psnr"],
                      "sam_lpips": sam.metrics["lpips"], "space_share": sam.metrics["space_share"],
-                     "measured_maps_psnr": oracle.metrics["psnr"], "measured_maps_lpips": oracle.metrics["lpips"]})
+                     "measured_maps_psnr": oracle.metrics["psnr"], "measured_maps_lpips": oracle.metrics["lpips"],
+                     "single_space_psnr": {n: psnr(x, target).item() for n, x in zip(names, singles)}})
         print(f"  {name}: W+ encoder {rows[-1]['wplus_psnr']:.2f} dB -> encoder SAM {rows[-1]['sam_psnr']:.2f} dB "
               f"(W+ {sam.metrics['space_share']['W+']:.0%}; measured maps {oracle.metrics['psnr']:.2f} dB)")
     keys = ("wplus_psnr", "wplus_lpips", "sam_psnr", "sam_lpips", "measured_maps_psnr", "measured_maps_lpips")
     mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     mean["w_plus_share"] = float(np.mean([r["space_share"]["W+"] for r in rows]))
+    mean["single_space_psnr"] = {n: float(np.mean([r["single_space_psnr"][n] for r in rows])) for n in rows[0]["single_space_psnr"]}
     return {"tau": model.tau_for("encoder"), "mean": mean, "gain_db": mean["sam_psnr"] - mean["wplus_psnr"], "rows": rows}
 
 

@@ -631,7 +631,7 @@ def train_predictor(data: Path = typer.Option(..., help="A data set from saminv 
 def train_encoder(model: str = typer.Option("faces64", help=MODEL_HELP),
                   out: Path = typer.Option(Path("runs/encoders"), help="Run directory (resumes from its checkpoint.pt)."),
                   wplus_steps: int = typer.Option(1500, min=0, help="Steps of the W+ encoder (stage 1)."),
-                  delta_steps: int = typer.Option(1800, min=0, help="Steps of the Δf encoders, W+ frozen (stage 2)."),
+                  delta_steps: int = typer.Option(3000, min=0, help="Steps of the Δf encoders, W+ frozen (stage 2)."),
                   batch: int = typer.Option(8, min=2),
                   generated: int = typer.Option(3, min=0, help="Model samples (known w) per batch; the rest are photos, crops, composites."),
                   lr: float = typer.Option(5e-4, help="Learning rate (ImageNet trunk: 0.1x)."),

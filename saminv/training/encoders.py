@@ -38,7 +38,7 @@ IMAGE_OFFSET = 1_000_000  # item indices apart from the invertibility data set's
 @dataclass
 class EncoderConfig:
     wplus_steps: int = 1500
-    delta_steps: int = 1800
+    delta_steps: int = 3000
     batch: int = 8
     generated: int = 3  # model samples per batch (w known); the rest: teacher, photos, composites
     lr: float = 5e-4
