@@ -69,10 +69,9 @@ def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8
 
 
 def encoder_part(model, lpips, photos) -> dict:
-    rows = []
+    rows, names = [], [s.name for s in model.generator.spaces]
     for name, img in photos:
         target = to_target(img)
-        names = [s.name for s in model.generator.spaces]
         with torch.no_grad():
             _, singles, _ = encode_each_space(model, lpips, target, names)  # singles[0]: the W+ encoder alone
         sam = sam_invert(model, lpips, img, mode="encoder")

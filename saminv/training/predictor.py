@@ -11,8 +11,9 @@ between predicted and measured maps, each space's divided by the variance of its
 (so the small F_k errors count as much as W+'s). The ImageNet backbone trains with a 10x smaller learning
 rate and its BatchNorm statistics frozen (small CPU batches). Learning rates are constant, then ramp
 down to zero along a cosine over the last ``rampdown`` of the steps (the StyleGAN2-projector ramp, no
-warm-up), so the final weights are not one noisy Adam step among many. Resumable: ``checkpoint.pt`` (weights,
-optimizer, step) and ``log.jsonl`` in the run directory.
+warm-up), so the final weights are not one noisy Adam step among many. The ramp is relative to the total
+``steps``: resuming a finished run with more steps continues at the rate that total gives. Resumable:
+``checkpoint.pt`` (weights, optimizer, step) and ``log.jsonl`` in the run directory.
 """
 
 from __future__ import annotations
