@@ -17,6 +17,8 @@ and ``out`` is written once. The one operation has four forms:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -72,7 +74,10 @@ def onnx_function(opset: int):
                                 [helper.make_opsetid("", opset)])
 
 
+@functools.cache
 def triton_available() -> bool:
+    """Whether the Triton kernel can run: a CUDA device and the triton package (checked once per process;
+    :func:`masked_residual` asks on every call)."""
     if not torch.cuda.is_available():
         return False
     try:
