@@ -5,7 +5,9 @@ Five measurements, each on photos no training step saw (:func:`saminv.photos.hel
 * ``predictor``, ``encoder_predictor``  predicted vs measured invertibility, per regime: per space, the Spearman
   correlation of the per-segment mean errors (segments of all photos pooled; measured = single-space
   optimizations with the data set's step budget, or single-space encoder passes), and the share of
-  pixels whose layer map (the regime's tau) agrees;
+  pixels whose layer map (the regime's tau) agrees; for the encoder regime also how well the measured
+  layer map agrees with the one measured on the mirrored photo (the measurement's own stability), and
+  the scores of the predicted maps anchored to the measured W+ error (:func:`anchored_to_measured_wplus`);
 * ``encoder``    encoder SAM (encoder-regime predicted masks, W+ and Δf encoders) vs the W+ encoder alone:
   PSNR, LPIPS; encoder SAM with measured encoder maps (what a perfect predictor would give); and the PSNR
   of each single-space encoder inversion (W+, or w+ plus Δf_k everywhere; paper Figure 3's ordering);
@@ -40,15 +42,26 @@ from saminv.models.model_dir import load_model
 from saminv.photos import held_out_photos
 
 
+def anchored_to_measured_wplus(measured: np.ndarray, predicted: np.ndarray, segments: np.ndarray) -> np.ndarray:
+    """Diagnostic: maps [S, R, R] whose W+ map is the measured one and whose F_k maps are the predicted ones
+    scaled, per segment, by measured / predicted mean W+ error (encoder mode renders the W+ reconstruction
+    anyway, so its W+ error costs one LPIPS pass)."""
+    means = segment_means(np.stack([measured[0], predicted[0]]), segments)
+    ratio = ((means[0] + 1e-4) / (means[1] + 1e-4))[segments]
+    return np.concatenate([measured[:1], predicted[1:] * ratio[None]])
+
+
 def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8) -> dict:
     names = [s.name for s in model.generator.spaces]
     tau = model.tau_for(regime)
-    measured_seg, predicted_seg, agree, pixels = [], [], 0, 0
+    measured_seg, predicted_seg, anchored_seg, agree, mirror_agree, anchored_agree, pixels = [], [], [], 0, 0, 0, 0
     for start in range(0, len(photos), batch):
         chunk = photos[start:start + batch]
         targets = torch.cat([to_target(img) for _, img in chunk])
         if regime == "encoder":
             measured = encoder_error_maps(model, lpips, targets, names).transpose(0, 1)
+            # the measurement's own stability: the maps of the mirrored photos, mirrored back
+            mirrored = encoder_error_maps(model, lpips, targets.flip(-1), names).flip(-1).transpose(0, 1)
         else:
             measured = invert_spaces(model, lpips, targets, names, InversionConfig(steps=steps), progress=True).error_maps
         predicted = predicted_maps(model, targets, names, regime)
@@ -60,12 +73,23 @@ def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8
             same = layer_map(m, img, tau) == layer_map(p, img, tau)
             agree += int(same.sum())
             pixels += same.size
+            if regime == "encoder":
+                mirror_agree += int((layer_map(m, img, tau) == layer_map(mirrored[:, i].numpy(), img, tau)).sum())
+                anchored = anchored_to_measured_wplus(m, p, seg)
+                anchored_seg.append(segment_means(anchored, seg))
+                anchored_agree += int((layer_map(m, img, tau) == layer_map(anchored, img, tau)).sum())
             print(f"  {name}: layer maps agree on {same.mean():.1%}")
     measured_all, predicted_all = np.concatenate(measured_seg, axis=1), np.concatenate(predicted_seg, axis=1)
     return {"regime": regime, "photos": len(photos), "segments": int(measured_all.shape[1]),
             "measure_steps": steps if regime == "optimization" else None, "tau": tau,
             "spearman": {n: float(spearmanr(measured_all[s], predicted_all[s]).statistic) for s, n in enumerate(names)},
-            "layer_map_agreement": agree / pixels}
+            "layer_map_agreement": agree / pixels,
+            # encoder regime: measured layer map vs the one measured on the mirrored photo (a noise ceiling)
+            "mirrored_measurement_agreement": mirror_agree / pixels if regime == "encoder" else None,
+            "w_plus_anchored": None if regime != "encoder" else {
+                "spearman": {n: float(spearmanr(measured_all[s], np.concatenate(anchored_seg, axis=1)[s]).statistic)
+                             for s, n in enumerate(names)},
+                "layer_map_agreement": anchored_agree / pixels}}
 
 
 def encoder_part(model, lpips, photos) -> dict:
