@@ -7,14 +7,15 @@ Five measurements, each on photos no training step saw (:func:`saminv.photos.hel
   optimizations with the data set's step budget, or single-space encoder passes), and the share of
   pixels whose layer map (the regime's tau) agrees; for the encoder regime also how well the measured
   layer map agrees with the one measured on the mirrored photo (the measurement's own stability), and
-  the scores of the predicted maps anchored to the measured W+ error (:func:`anchored_to_measured_wplus`);
+  the scores of the predicted maps anchored to the measured W+ error (what encoder mode uses);
 * ``encoder``    encoder SAM (encoder-regime predicted masks, W+ and Δf encoders) vs the W+ encoder alone:
   PSNR, LPIPS; encoder SAM with measured encoder maps (what a perfect predictor would give); and the PSNR
   of each single-space encoder inversion (W+, or w+ plus Δf_k everywhere; paper Figure 3's ordering);
 * ``optimize``   SAM optimization with predicted maps vs measured maps (same steps): PSNR, seconds;
   plus hybrid mode (encoder start + joint optimization) at a few step budgets;
 * ``latency``    encoder mode, one 64 x 64 photo, the ``saminv.invert`` code path: median and p95 of
-  ``--runs`` runs after 5 warm-up runs, on the threads torch has (OMP_NUM_THREADS=2 on CI machines).
+  ``--runs`` runs after 5 warm-up runs, on the threads torch has (OMP_NUM_THREADS=2 on CI machines);
+  the inversion alone, and with the PSNR/LPIPS evaluation of its result.
 
     OMP_NUM_THREADS=2 python benchmarks/feedforward_faces.py [--parts predictor,encoder_predictor,encoder,optimize,latency]
         [--lfw 9] [--optimize-photos 6] [--out docs/feedforward_bench.json]
@@ -35,20 +36,11 @@ from saminv.imageio import resize_square
 from saminv.inversion.feedforward import encode_each_space, encoder_error_maps, predicted_maps
 from saminv.inversion.optimize import InversionConfig
 from saminv.inversion.sam import invert_spaces, sam_invert, to_target
-from saminv.inversion.selection import layer_map, segment, segment_means
+from saminv.inversion.selection import anchor_to_measured_wplus, layer_map, segment, segment_means
 from saminv.metrics import psnr
 from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import load_model
 from saminv.photos import held_out_photos
-
-
-def anchored_to_measured_wplus(measured: np.ndarray, predicted: np.ndarray, segments: np.ndarray) -> np.ndarray:
-    """Diagnostic: maps [S, R, R] whose W+ map is the measured one and whose F_k maps are the predicted ones
-    scaled, per segment, by measured / predicted mean W+ error (encoder mode renders the W+ reconstruction
-    anyway, so its W+ error costs one LPIPS pass)."""
-    means = segment_means(np.stack([measured[0], predicted[0]]), segments)
-    ratio = ((means[0] + 1e-4) / (means[1] + 1e-4))[segments]
-    return np.concatenate([measured[:1], predicted[1:] * ratio[None]])
 
 
 def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8) -> dict:
@@ -75,7 +67,7 @@ def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8
             pixels += same.size
             if regime == "encoder":
                 mirror_agree += int((layer_map(m, img, tau) == layer_map(mirrored[:, i].numpy(), img, tau)).sum())
-                anchored = anchored_to_measured_wplus(m, p, seg)
+                anchored = anchor_to_measured_wplus(p, m[0], seg)
                 anchored_seg.append(segment_means(anchored, seg))
                 anchored_agree += int((layer_map(m, img, tau) == layer_map(anchored, img, tau)).sum())
             print(f"  {name}: layer maps agree on {same.mean():.1%}")
@@ -133,14 +125,17 @@ def optimize_part(model, lpips, photos, steps: int, hybrid_steps: list[int]) -> 
 
 
 def latency_part(model, lpips, image: np.ndarray, runs: int) -> dict:
-    times = []
-    for i in range(5 + runs):
-        t0 = time.perf_counter()
-        sam_invert(model, lpips, image, mode="encoder")
-        if i >= 5:
-            times.append(1000 * (time.perf_counter() - t0))
-    return {"runs": runs, "threads": torch.get_num_threads(), "median_ms": float(np.median(times)),
-            "p95_ms": float(np.percentile(times, 95))}
+    """The inversion alone (``evaluate=False``: no PSNR/LPIPS of the result), and with that evaluation."""
+    out = {"runs": runs, "threads": torch.get_num_threads()}
+    for key, evaluate in (("", False), ("with_evaluation_", True)):
+        times = []
+        for i in range(5 + runs):
+            t0 = time.perf_counter()
+            sam_invert(model, lpips, image, mode="encoder", evaluate=evaluate)
+            if i >= 5:
+                times.append(1000 * (time.perf_counter() - t0))
+        out.update({f"{key}median_ms": float(np.median(times)), f"{key}p95_ms": float(np.percentile(times, 95))})
+    return out
 
 
 def main() -> None:
@@ -178,8 +173,9 @@ def main() -> None:
         print(json.dumps(result["optimize"]["mean"], indent=1))
     if "latency" in parts:
         result["latency"] = latency_part(model, lpips, photos[0][1], args.runs)
-        print(f"encoder mode: median {result['latency']['median_ms']:.1f} ms, p95 {result['latency']['p95_ms']:.1f} ms "
-              f"({result['latency']['threads']} threads)")
+        lat = result["latency"]
+        print(f"encoder mode: median {lat['median_ms']:.1f} ms, p95 {lat['p95_ms']:.1f} ms; with PSNR/LPIPS of the "
+              f"result median {lat['with_evaluation_median_ms']:.1f} ms ({lat['threads']} threads)")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -210,9 +210,10 @@ def _inversion(model_spec: str, backend: str, bundle: str, manifest: dict, cfg: 
         rt = Runtime(bundle, threads=cfg.threads)
         return lambda: rt.invert(photo)
     from saminv.inversion.sam import sam_invert
+    from saminv.models.lpips import LPIPS
 
-    model = build_model(model_spec)
-    return lambda: sam_invert(model, None, photo, mode="encoder", evaluate=False)
+    model, lpips = build_model(model_spec), LPIPS()  # LPIPS measures the W+ error that anchors the maps
+    return lambda: sam_invert(model, lpips, photo, mode="encoder", evaluate=False)
 
 
 def _measure(arch: str, backend: str, bundle: str, cfg: BenchConfig) -> dict:

@@ -68,10 +68,12 @@ def test_every_stage_matches_torch(bundle):
     assert [s["name"] for s in manifest["stages"]] == ["mapping", "F2", "F4", "F6", "F8"]
     assert all(s["max_abs_diff_vs_torch"] <= 1e-4 for s in manifest["stages"])
     assert manifest["opset"] == 18 and manifest["precision"] == "fp32"
-    networks = ["encoder_predictor", "encoder_wplus", "encoder_F2", "encoder_F4", "encoder_F6", "encoder_F8"]
+    networks = ["encoder_predictor", "encoder_wplus", "encoder_F2", "encoder_F4", "encoder_F6", "encoder_F8",
+                "lpips_spatial"]
     assert [n["name"] for n in manifest["networks"]] == networks
     assert all(n["max_abs_diff_vs_torch"] <= 1e-4 for n in manifest["networks"])
     assert manifest["networks"][0]["outputs"]["maps"] == ["N", 5, 64, 64]
+    assert manifest["networks"][-1]["outputs"]["error"] == ["N", 1, 64, 64]
     assert manifest["networks"][3]["inputs"]["features"] == ["N", 128, 16, 16]
     assert set(manifest["files"]) == {"mapping.onnx", "F2.onnx", "F4.onnx", "F6.onnx", "F8.onnx", "directions.npz",
                                       *(f"{n}.onnx" for n in networks)}

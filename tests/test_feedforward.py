@@ -116,10 +116,12 @@ def test_every_mode_on_a_real_photo(lpips, face):
     target = to_target(face)
     with torch.no_grad():
         maps = predicted_maps(model, target, encoder.names, "encoder")[0].numpy()
-        labels = layer_map(maps, face, model.tau_for("encoder"))
-        again = encode(model, target, space_masks(model, labels, encoder.names)).render(model)
         wplus_only, _ = wplus_features(model, model.network("encoders").wplus(target))
+        measured_wplus = lpips(wplus_only, target, spatial=True)[0, 0].numpy()  # anchors the predicted maps
+        labels = layer_map(maps, face, model.tau_for("encoder"), measured_wplus=measured_wplus)
+        again = encode(model, target, space_masks(model, labels, encoder.names)).render(model)
     assert (encoder.labels == labels).all() and torch.allclose(again[0], encoder.image, atol=1e-5)
+    assert (layer_map(maps, face, model.tau_for("encoder")) != labels).any()  # the anchoring changes the map
     assert 0 < encoder.metrics["space_share"]["W+"] < 1  # a real mix of spaces
     assert encoder.metrics["psnr"] > psnr(wplus_only, target).item()  # Δf encoders add detail where the map says
     assert encoder.metrics["lpips"] < lpips(wplus_only, target).item()

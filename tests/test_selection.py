@@ -9,7 +9,7 @@ from skimage.data import astronaut
 
 from saminv.inversion.optimize import projector_lr
 from saminv.inversion.sam import space_index, space_masks
-from saminv.inversion.selection import segment, segment_means, select_spaces
+from saminv.inversion.selection import anchor_to_measured_wplus, segment, segment_means, select_spaces
 
 
 def test_rule_takes_the_most_editable_space_under_tau():
@@ -42,6 +42,16 @@ def test_segment_means_average_over_each_segment():
     labels = np.array([[0, 0, 1], [2, 2, 1]])
     maps = np.stack([np.array([[1.0, 3.0, 5.0], [2.0, 4.0, 7.0]]), np.zeros((2, 3))])
     np.testing.assert_allclose(segment_means(maps, labels), [[2.0, 6.0, 3.0], [0, 0, 0]])
+
+
+def test_anchoring_uses_the_measured_w_plus_and_scales_each_segment_by_its_error_ratio():
+    segments = np.array([[0, 0, 1], [0, 0, 1]])
+    predicted = np.stack([np.full((2, 3), 0.1), np.array([[0.02, 0.04, 0.06], [0.02, 0.04, 0.06]])])
+    measured = np.array([[0.3, 0.1, 0.1], [0.1, 0.1, 0.1]])  # segment 0: mean 0.15, segment 1: 0.1
+    anchored = anchor_to_measured_wplus(predicted, measured, segments)
+    np.testing.assert_array_equal(anchored[0], measured)
+    ratio0 = (0.15 + 1e-4) / (0.1 + 1e-4)  # the W+ encoder did 1.5x worse than predicted on segment 0
+    np.testing.assert_allclose(anchored[1], [[0.02 * ratio0, 0.04 * ratio0, 0.06], [0.02 * ratio0, 0.04 * ratio0, 0.06]])
 
 
 def test_slic_on_a_real_photo():

@@ -9,6 +9,8 @@ Bundle layout (read by :mod:`saminv.runtime`, which never imports torch)::
     F<k>.onnx            synthesis stage ending at latent space F_k (masked residual + editing blend)
     tail.onnx            the blocks after the last space -> image (when there are any)
     encoder_predictor.onnx  image [N, 3, R, R] -> the encoders' invertibility maps [N, S, R, R] (when the model has one)
+    lpips_spatial.onnx      image, reconstruction [N, 3, R, R] -> LPIPS spatial error [N, 1, R, R] (with the encoders:
+                            the measured W+ error that anchors the predicted maps)
     encoder_wplus.onnx   image -> w+ [N, n_latent, w_dim]                         (when the model has encoders)
     encoder_F<k>.onnx    (image, W+ reconstruction, F_k features) -> delta_f_k    (idem)
     directions.npz       the model's direction library (vectors [n_latent, w_dim]; layers in the manifest)
@@ -39,6 +41,7 @@ from saminv.editing.directions import load_library
 from saminv.export.stages import MappingStage, StagePlan, SynthesisStage, output_names, plan_stages, stage_inputs
 from saminv.imageio import atomic_write, file_sha256
 from saminv.inversion.feedforward import wplus_features
+from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import Model
 from saminv.ops.masked_residual import ONNX_DOMAIN, onnx_function
 from saminv.outputs import write_dir
@@ -126,6 +129,18 @@ def _fp16_image_psnr(model: Model, stages: list[dict], paths: dict[str, Path], n
     return float(10 * np.log10(4.0 / max(mse, 1e-20)))
 
 
+class SpatialLPIPS(nn.Module):
+    """LPIPS spatial error map [N, 1, R, R] (>= 0) of ``reconstruction`` against ``image`` (both
+    [N, 3, R, R] in [-1, 1]): :class:`saminv.models.lpips.LPIPS` with ``spatial=True`` as one graph."""
+
+    def __init__(self, lpips: LPIPS) -> None:
+        super().__init__()
+        self.lpips = lpips
+
+    def forward(self, image: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        return self.lpips(reconstruction, image, spatial=True)
+
+
 def network_exports(model: Model) -> list[tuple[str, nn.Module, dict[str, torch.Tensor], list[str]]]:
     """The model's trained feed-forward networks as (name, module, example inputs, output names)."""
     G = model.generator
@@ -144,6 +159,9 @@ def network_exports(model: Model) -> list[tuple[str, nn.Module, dict[str, torch.
             if space.name in nets.deltas:
                 inputs = {"image": image, "reconstruction": reconstruction, "features": features[2 * space.block]}
                 out.append((f"encoder_{space.name}", nets.deltas[space.name], inputs, ["delta"]))
+        # the measured W+ error that anchors the predicted maps (saminv.inversion.selection)
+        out.append(("lpips_spatial", SpatialLPIPS(LPIPS()), {"image": image, "reconstruction": reconstruction},
+                    ["error"]))
     return out
 
 

@@ -3,6 +3,9 @@
 * :func:`predicted_maps`: one forward pass of the model's invertibility predictor (paper Eq. 2) of a
   regime gives the per-space error maps that would otherwise be measured by inverting in every space:
   with the optimization (``optimization`` regime) or with the encoders (``encoder`` regime).
+* :func:`encode_wplus`: the W+ encoder's pass (w+, its reconstruction and F_k features), made once per
+  image: encoder mode measures the W+ error of that reconstruction (to anchor the predicted maps) and
+  the Δf encoders read it.
 * :func:`encode_each_space`, :func:`encoder_error_maps`: the encoder regime's measured maps: the LPIPS
   spatial error (Eq. 1) of the encoders' inversion in each space alone (W+: the W+ encoder; F_k: plus
   Δf_k everywhere). One pass per space, so measuring them is cheap (the encoder predictor's data).
@@ -13,6 +16,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -21,6 +26,24 @@ from saminv.inversion.optimize import Codes
 from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import PREDICTORS, Model
 from saminv.models.stylegan2 import NoiseMode
+
+
+@dataclass
+class WPlusPass:
+    """The W+ encoder's pass over N images: ``wplus`` [N, n_latent, w_dim], its ``reconstruction``
+    [N, 3, R, R] in [-1, 1] and the reconstruction's ``features`` {k: F_k [N, C_k, r_k, r_k]}."""
+
+    wplus: Tensor
+    reconstruction: Tensor
+    features: dict[int, Tensor]
+
+
+@torch.no_grad()
+def encode_wplus(model: Model, images: Tensor, noise_mode: NoiseMode = "const") -> WPlusPass:
+    """The W+ encoder on images [N, 3, R, R] in [-1, 1], then the render of its w+. Raises InputError
+    when the model has no encoders."""
+    wplus = model.network("encoders").wplus(images)
+    return WPlusPass(wplus, *wplus_features(model, wplus, noise_mode))
 
 
 @torch.no_grad()
@@ -48,17 +71,17 @@ def wplus_features(model: Model, wplus: Tensor, noise_mode: NoiseMode = "const")
     return image, features
 
 
-def encode(model: Model, images: Tensor, masks: dict[int, Tensor], noise_mode: NoiseMode = "const") -> Codes:
-    """Feed-forward codes of images [N, 3, R, R] in [-1, 1]: w+ from the W+ encoder and Δf_k from the F_k
-    encoders for every k whose mask in ``masks`` ({k: [N or 1, 1, r_k, r_k]}) is not all zero.
-    Raises InputError when the model has no encoders."""
+def encode(model: Model, images: Tensor, masks: dict[int, Tensor], noise_mode: NoiseMode = "const",
+           first: WPlusPass | None = None) -> Codes:
+    """Feed-forward codes of images [N, 3, R, R] in [-1, 1]: w+ from the W+ encoder (``first``, its pass
+    when already made) and Δf_k from the F_k encoders for every k whose mask in ``masks``
+    ({k: [N or 1, 1, r_k, r_k]}) is not all zero. Raises InputError when the model has no encoders."""
     nets = model.network("encoders")
-    wplus = nets.wplus(images)
-    reconstruction, features = wplus_features(model, wplus, noise_mode)
+    first = first or encode_wplus(model, images, noise_mode)
     used = [k for k, m in masks.items() if bool(m.any())]  # an all-zero mask needs no delta_f
-    deltas = {k: nets.deltas[f"F{k}"](images, reconstruction, features[k]) for k in used}
+    deltas = {k: nets.deltas[f"F{k}"](images, first.reconstruction, first.features[k]) for k in used}
     n = images.shape[0]
-    return Codes(wplus, deltas, {k: masks[k].expand(n, -1, -1, -1) for k in used})
+    return Codes(first.wplus, deltas, {k: masks[k].expand(n, -1, -1, -1) for k in used})
 
 
 @torch.no_grad()
@@ -69,20 +92,20 @@ def encode_each_space(model: Model, lpips: LPIPS, images: Tensor, names: list[st
     [S, N, 3, R, R] in [-1, 1], LPIPS spatial error maps [N, S, R, R] >= 0). Raises InputError when the
     model has no encoders."""
     nets = model.network("encoders")
-    wplus = nets.wplus(images)
-    reconstruction, features = wplus_features(model, wplus, noise_mode)
+    first = encode_wplus(model, images, noise_mode)
     renders = []
     for name in names:
         if name == "W+":
-            renders.append(reconstruction)
+            renders.append(first.reconstruction)
             continue
         k = int(name[1:])
-        delta = nets.deltas[name](images, reconstruction, features[k])
-        renders.append(model.generator.synthesis(wplus, {k: (delta.new_ones(1, 1, 1, 1), delta)}, noise_mode=noise_mode))
+        delta = nets.deltas[name](images, first.reconstruction, first.features[k])
+        renders.append(model.generator.synthesis(first.wplus, {k: (delta.new_ones(1, 1, 1, 1), delta)},
+                                                 noise_mode=noise_mode))
     renders = torch.stack(renders)
     s, n = renders.shape[:2]
     errors = lpips(renders.flatten(0, 1), images.repeat(s, 1, 1, 1), spatial=True)[:, 0]
-    return wplus, renders, errors.view(s, n, *errors.shape[-2:]).transpose(0, 1)
+    return first.wplus, renders, errors.view(s, n, *errors.shape[-2:]).transpose(0, 1)
 
 
 @torch.no_grad()

@@ -4,7 +4,8 @@
    and take the LPIPS spatial error map e_l of each reconstruction (paper Eq. 1); ``predicted`` = one
    pass of the model's invertibility predictor S_l (Eq. 2). Invertibility depends on who inverts, so
    maps and tau belong to a regime: encoder mode uses the encoders' errors (measured: one encoder pass
-   per space; predicted: the ``encoder_predictor``; ``tau_encoder``), optimize and hybrid modes the
+   per space; predicted: the ``encoder_predictor``, anchored to the measured error of the W+ encoder's
+   reconstruction, which encoder mode renders anyway; ``tau_encoder``), optimize and hybrid modes the
    optimization's (measured: single-space optimizations, all spaces in one batch; ``predictor``; ``tau``).
 2. Segment the image class-agnostically (SLIC superpixels) and average each map over each segment.
 3. Per segment, walk the spaces from least to most editable (F_last ... W+) and assign the segment to
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from saminv.errors import InputError
 from saminv.imageio import to_tensor_range
-from saminv.inversion.feedforward import encode, encoder_error_maps, predicted_maps
+from saminv.inversion.feedforward import encode, encode_wplus, encoder_error_maps, predicted_maps
 from saminv.inversion.optimize import (
     Codes,
     InversionConfig,
@@ -150,8 +151,9 @@ def sam_invert(model: Model, lpips: LPIPS | None, image: np.ndarray, tau: float 
     ``names``: the latent spaces to choose from, most editable first (default: the model's spaces).
     ``mode`` defaults to :func:`default_mode`; ``tau`` to the model's calibrated tau of the mode's regime
     (:func:`regime_of`); ``maps`` to predicted when the model has that regime's predictor, else measured.
-    ``evaluate=False`` leaves PSNR and LPIPS of the reconstruction out of the metrics (latency benchmarks);
-    ``lpips`` may then be None in encoder mode with predicted maps (the only mode that needs no LPIPS).
+    ``evaluate=False`` leaves PSNR and LPIPS of the reconstruction out of the metrics (latency benchmarks).
+    Encoder mode with predicted maps anchors them to the measured W+ error of the W+ encoder's
+    reconstruction (:func:`saminv.inversion.selection.anchor_to_measured_wplus`; one LPIPS pass).
     Raises KeyError on unknown spaces, InputError when the mode or maps need a network or a tau the
     model lacks, or when encoder mode is asked for the W space (the encoders give w+).
     """
@@ -176,15 +178,22 @@ def sam_invert(model: Model, lpips: LPIPS | None, image: np.ndarray, tau: float 
     tau = model.tau_for(regime) if tau is None else tau
     target = to_target(image, device)
 
-    single = None
+    single, measured_wplus = None, None
+    anchor = maps == "predicted" and mode == "encoder" and names[0] == "W+"
+    with torch.no_grad():  # the target's LPIPS features, computed once for the anchoring and the evaluation
+        target_features = lpips.target_features(target) if anchor or evaluate else None
+    first = encode_wplus(model, target) if mode != "optimize" else None  # the W+ encoder's pass, made once
     if maps == "predicted":
         error_maps = predicted_maps(model, target, names, regime)[0]
+        if anchor:
+            with torch.no_grad():
+                measured_wplus = lpips.distance_to(first.reconstruction, target_features, spatial=True)[0, 0].cpu().numpy()
     elif regime == "encoder":
         error_maps = encoder_error_maps(model, lpips, target, names)[0]
     else:
         single = invert_spaces(model, lpips, target, names, cfg, progress)
         error_maps = single.error_maps[:, 0]
-    labels = layer_map(error_maps.cpu().numpy(), image, tau, n_segments)
+    labels = layer_map(error_maps.cpu().numpy(), image, tau, n_segments, measured_wplus)
     masks = space_masks(model, labels, names, device)
 
     if mode == "optimize":
@@ -195,13 +204,14 @@ def sam_invert(model: Model, lpips: LPIPS | None, image: np.ndarray, tau: float 
             start.wplus = wplus[None].clone()
     else:
         with torch.no_grad():
-            start = encode(model, target, masks)
+            start = encode(model, target, masks, first=first)
     codes = start if mode == "encoder" else optimize_codes(model, lpips, target, start, cfg=cfg, progress=progress,
                                                             desc="SAM joint optimization")
     with torch.no_grad():
         recon = codes.render(model)
         metrics = {
-            **({"psnr": psnr(recon, target).item(), "lpips": lpips(recon, target).item()} if evaluate else {}),
+            **({"psnr": psnr(recon, target).item(), "lpips": lpips.distance_to(recon, target_features).item()}
+               if evaluate else {}),
             "tau": tau,
             "mode": mode,
             "maps": maps,

@@ -39,8 +39,23 @@ def select_spaces(errors: np.ndarray, tau: float) -> np.ndarray:
     return choice
 
 
-def layer_map(error_maps: np.ndarray, image: np.ndarray, tau: float, n_segments: int = 48) -> np.ndarray:
+def anchor_to_measured_wplus(maps: np.ndarray, measured_wplus: np.ndarray, segments: np.ndarray) -> np.ndarray:
+    """Predicted maps [S, H, W] (W+ first) anchored to a measured W+ error map [H, W]: the W+ map is
+    replaced by the measured one and every F_k map is scaled, per segment of ``segments`` [H, W], by
+    (measured + 1e-4) / (predicted + 1e-4) of the segment's mean W+ error. Where the W+ inversion did worse
+    than predicted, the later spaces must correct more, and their errors rise in proportion. No fitted
+    parameter. Returns float maps [S, H, W] >= 0."""
+    means = segment_means(np.stack([measured_wplus, maps[0]]), segments)
+    ratio = ((means[0] + 1e-4) / (means[1] + 1e-4))[segments]
+    return np.concatenate([measured_wplus[None], maps[1:] * ratio[None]])
+
+
+def layer_map(error_maps: np.ndarray, image: np.ndarray, tau: float, n_segments: int = 48,
+              measured_wplus: np.ndarray | None = None) -> np.ndarray:
     """The layer map: maps [S, R, R] (per space, most editable first) of an R x R x 3 uint8 image ->
-    labels [R, R] (index of the chosen space per pixel), by segments and the refinement rule."""
+    labels [R, R] (index of the chosen space per pixel), by segments and the refinement rule. With
+    ``measured_wplus`` [R, R], predicted maps are first anchored to it (:func:`anchor_to_measured_wplus`)."""
     segments = segment(image, n_segments)
+    if measured_wplus is not None:
+        error_maps = anchor_to_measured_wplus(error_maps, measured_wplus, segments)
     return select_spaces(segment_means(error_maps, segments), tau)[segments]

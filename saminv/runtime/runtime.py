@@ -25,7 +25,8 @@ from saminv.runtime.bundle import Bundle, BundleError, check_session_io, open_bu
 @dataclass
 class RuntimeInversion:
     """A feed-forward inversion: ``image`` the composed reconstruction R x R x 3 uint8, ``codes`` its SAM
-    codes (one image), ``maps`` the predicted invertibility maps [S, R, R] float32 (per space of ``codes.names``)."""
+    codes (one image), ``maps`` the predicted invertibility maps [S, R, R] float32 (per space of ``codes.names``;
+    before they are anchored to the measured W+ error)."""
 
     image: np.ndarray
     codes: "RuntimeCodes"
@@ -225,8 +226,8 @@ class Runtime:
         return images[0] if np.isscalar(strength) else np.stack(images)
 
     def require_inversion_networks(self) -> None:
-        """Raise BundleError unless the bundle carries the encoder predictor, the W+ encoder and tau_encoder."""
-        missing = [n for n in ("encoder_predictor", "encoder_wplus") if n not in self.sessions]
+        """Raise BundleError unless the bundle carries the encoder predictor, the W+ encoder, LPIPS and tau_encoder."""
+        missing = [n for n in ("encoder_predictor", "encoder_wplus", "lpips_spatial") if n not in self.sessions]
         if missing:
             raise BundleError(f"{self.bundle.path}: this bundle has no {' or '.join(missing)}; export a model "
                               "trained with them (saminv train encoder; saminv train invertibility-data --regime encoder, "
@@ -237,8 +238,9 @@ class Runtime:
 
     def invert(self, image: str | Path | Image.Image | np.ndarray) -> RuntimeInversion:
         """Feed-forward SAM inversion of one image (a path, a PIL image or an H x W x 3 uint8 array;
-        centre-cropped and resized to the bundle's resolution): the encoder predictor's invertibility maps,
-        the layer map by segments and tau (``self.tau``, the manifest's tau_encoder), the W+ encoder, the W+ reconstruction's F_k features, the Δf
+        centre-cropped and resized to the bundle's resolution): the W+ encoder, its reconstruction (and F_k
+        features) and that reconstruction's LPIPS error, the encoder predictor's invertibility maps anchored
+        to it, the layer map by segments and tau (``self.tau``, the manifest's tau_encoder), the Δf
         encoders of the spaces in use, and the composed image (paper Eq. 3-4). Raises BundleError when
         the bundle has no predictor or encoders, InputError for an unreadable image."""
         self.require_inversion_networks()
@@ -246,11 +248,13 @@ class Runtime:
             resize_square(image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)), self.resolution)
         x = to_tensor_range(pixels)
         names = [s["name"] for s in self.bundle.manifest["spaces"]]
-        maps = self.run_stage("encoder_predictor", {"image": x}, ["maps"])[0].numpy()[0]
-        labels = layer_map(maps, pixels, self.tau)
         wplus = self.run_stage("encoder_wplus", {"image": x}, ["wplus"])[0].numpy()
         features: dict = {}
         reconstruction = self.synthesize(wplus, record=features)
+        maps = self.run_stage("encoder_predictor", {"image": x}, ["maps"])[0].numpy()[0]
+        measured_wplus = self.run_stage("lpips_spatial", {"image": x, "reconstruction": reconstruction},
+                                        ["error"])[0].numpy()[0, 0] if names[0] == "W+" else None
+        labels = layer_map(maps, pixels, self.tau, measured_wplus=measured_wplus)
         masks = {name: (labels == i).astype(np.float32)[None, None] for i, name in enumerate(names)
                  if name != "W+" and (labels == i).any()}
         deltas = {name: self.run_stage(f"encoder_{name}", {"image": x, "reconstruction": reconstruction,
