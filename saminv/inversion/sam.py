@@ -142,7 +142,7 @@ class SamResult:
     metrics: dict = field(default_factory=dict)
 
 
-def sam_invert(model: Model, lpips: LPIPS | None, image: np.ndarray, tau: float | None = None,
+def sam_invert(model: Model, lpips: LPIPS, image: np.ndarray, tau: float | None = None,
                names: list[str] | None = None, cfg: InversionConfig | None = None,
                n_segments: int = 48, progress: bool = False, mode: str | None = None,
                maps: str | None = None, evaluate: bool = True) -> SamResult:
@@ -187,7 +187,8 @@ def sam_invert(model: Model, lpips: LPIPS | None, image: np.ndarray, tau: float 
         error_maps = predicted_maps(model, target, names, regime)[0]
         if anchor:
             with torch.no_grad():
-                measured_wplus = lpips.distance_to(first.reconstruction, target_features, spatial=True)[0, 0].cpu().numpy()
+                measured_wplus = lpips.distance_to(first.reconstruction, target_features, spatial=True)[0, 0]
+                measured_wplus = measured_wplus.cpu().numpy()
     elif regime == "encoder":
         error_maps = encoder_error_maps(model, lpips, target, names)[0]
     else:
