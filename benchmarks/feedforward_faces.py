@@ -62,14 +62,15 @@ def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8
             seg = segment(img)
             measured_seg.append(segment_means(m, seg))
             predicted_seg.append(segment_means(p, seg))
-            same = layer_map(m, img, tau) == layer_map(p, img, tau)
+            measured_labels = layer_map(m, img, tau)
+            same = measured_labels == layer_map(p, img, tau)
             agree += int(same.sum())
             pixels += same.size
             if regime == "encoder":
-                mirror_agree += int((layer_map(m, img, tau) == layer_map(mirrored[:, i].numpy(), img, tau)).sum())
+                mirror_agree += int((measured_labels == layer_map(mirrored[:, i].numpy(), img, tau)).sum())
                 anchored = anchor_to_measured_wplus(p, m[0], seg)
                 anchored_seg.append(segment_means(anchored, seg))
-                anchored_agree += int((layer_map(m, img, tau) == layer_map(anchored, img, tau)).sum())
+                anchored_agree += int((measured_labels == layer_map(anchored, img, tau)).sum())
             print(f"  {name}: layer maps agree on {same.mean():.1%}")
     measured_all, predicted_all = np.concatenate(measured_seg, axis=1), np.concatenate(predicted_seg, axis=1)
     return {"regime": regime, "photos": len(photos), "segments": int(measured_all.shape[1]),

@@ -86,13 +86,14 @@ def encode(model: Model, images: Tensor, masks: dict[int, Tensor], noise_mode: N
 
 @torch.no_grad()
 def encode_each_space(model: Model, lpips: LPIPS, images: Tensor, names: list[str],
-                      noise_mode: NoiseMode = "const") -> tuple[Tensor, Tensor, Tensor]:
+                      noise_mode: NoiseMode = "const",
+                      first: WPlusPass | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The encoders' inversion of images [N, 3, R, R] in [-1, 1] in each space of ``names`` alone ("W+" or
     "F<k>"; F_k = the encoder's w+ plus Δf_k with a mask of ones): (w+ [N, n_latent, w_dim], renders
     [S, N, 3, R, R] in [-1, 1], LPIPS spatial error maps [N, S, R, R] >= 0). Raises InputError when the
-    model has no encoders."""
+    model has no encoders. ``first``: the W+ encoder's pass when already made."""
     nets = model.network("encoders")
-    first = encode_wplus(model, images, noise_mode)
+    first = first or encode_wplus(model, images, noise_mode)
     renders = []
     for name in names:
         if name == "W+":
@@ -110,8 +111,8 @@ def encode_each_space(model: Model, lpips: LPIPS, images: Tensor, names: list[st
 
 @torch.no_grad()
 def encoder_error_maps(model: Model, lpips: LPIPS, images: Tensor, names: list[str],
-                       noise_mode: NoiseMode = "const") -> Tensor:
+                       noise_mode: NoiseMode = "const", first: WPlusPass | None = None) -> Tensor:
     """Measured encoder-regime invertibility: LPIPS spatial error maps [N, S, R, R] (>= 0) of images
     [N, 3, R, R] in [-1, 1] inverted by the encoders in each space of ``names`` alone
     (:func:`encode_each_space`). Raises InputError when the model has no encoders."""
-    return encode_each_space(model, lpips, images, names, noise_mode)[2]
+    return encode_each_space(model, lpips, images, names, noise_mode, first)[2]

@@ -190,7 +190,7 @@ def sam_invert(model: Model, lpips: LPIPS, image: np.ndarray, tau: float | None 
                 measured_wplus = lpips.distance_to(first.reconstruction, target_features, spatial=True)[0, 0]
                 measured_wplus = measured_wplus.cpu().numpy()
     elif regime == "encoder":
-        error_maps = encoder_error_maps(model, lpips, target, names)[0]
+        error_maps = encoder_error_maps(model, lpips, target, names, first=first)[0]
     else:
         single = invert_spaces(model, lpips, target, names, cfg, progress)
         error_maps = single.error_maps[:, 0]
