@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from saminv.cli import app
 from saminv.errors import InputError
 from saminv.imageio import resize_square
-from saminv.inversion.feedforward import encode, encoder_error_maps, predicted_maps, wplus_features
+from saminv.inversion.feedforward import encode, encode_wplus, encoder_error_maps, predicted_maps, wplus_features
 from saminv.inversion.optimize import InversionConfig
 from saminv.inversion.sam import sam_invert, space_masks, to_target
 from saminv.inversion.selection import layer_map
@@ -116,7 +116,7 @@ def test_every_mode_on_a_real_photo(lpips, face):
     target = to_target(face)
     with torch.no_grad():
         maps = predicted_maps(model, target, encoder.names, "encoder")[0].numpy()
-        wplus_only, _ = wplus_features(model, model.network("encoders").wplus(target))
+        wplus_only = encode_wplus(model, target).reconstruction
         measured_wplus = lpips(wplus_only, target, spatial=True)[0, 0].numpy()  # anchors the predicted maps
         labels = layer_map(maps, face, model.tau_for("encoder"), measured_wplus=measured_wplus)
         again = encode(model, target, space_masks(model, labels, encoder.names)).render(model)

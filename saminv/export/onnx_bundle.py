@@ -40,7 +40,7 @@ from torch import nn
 from saminv.editing.directions import load_library
 from saminv.export.stages import MappingStage, StagePlan, SynthesisStage, output_names, plan_stages, stage_inputs
 from saminv.imageio import atomic_write, file_sha256
-from saminv.inversion.feedforward import wplus_features
+from saminv.inversion.feedforward import encode_wplus
 from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import Model
 from saminv.ops.masked_residual import ONNX_DOMAIN, onnx_function
@@ -153,8 +153,8 @@ def network_exports(model: Model) -> list[tuple[str, nn.Module, dict[str, torch.
     if model.has_network("encoders"):
         nets = model.network("encoders").cpu()
         out.append(("encoder_wplus", nets.wplus, {"image": image}, ["wplus"]))
-        with torch.no_grad():
-            reconstruction, features = wplus_features(model, nets.wplus(image))
+        first = encode_wplus(model, image)
+        reconstruction, features = first.reconstruction, first.features
         for space in G.spaces:
             if space.name in nets.deltas:
                 inputs = {"image": image, "reconstruction": reconstruction, "features": features[2 * space.block]}
