@@ -606,15 +606,23 @@ def train_predictor(data: Path = typer.Option(..., help="A data set from saminv 
                     lr: float = typer.Option(1e-3, help="Learning rate of decoder and heads (backbone: 0.1x)."),
                     device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
                     into: Optional[str] = typer.Option(None, help=INTO_HELP),
+                    start_from: Optional[str] = typer.Option(
+                        None, help="A built-in name or model directory whose predictor of the other regime gives "
+                                   "the starting weights (the shipped faces64 predictor starts from its "
+                                   "encoder_predictor); ignored when the run resumes."),
                     ) -> None:
     """Train an invertibility predictor S_l: l2 regression of the per-space LPIPS error maps (paper Eq. 2)."""
-    from saminv.models.model_dir import PREDICTORS, save_network
-    from saminv.training.predictor import PredictorConfig, PredictorTrainer
+    from saminv.models.model_dir import PREDICTORS, load_model, save_network
+    from saminv.training.predictor import PredictorConfig, PredictorTrainer, data_regime
 
     target = model_directory(into, "--into") if into else None
+    start = None
+    if start_from:
+        other = next(kind for regime, kind in PREDICTORS.items() if regime != data_regime(data))
+        start = load_model(start_from).network(other)
     try:
-        run = PredictorTrainer(data, out, PredictorConfig(steps=steps, batch=batch, lr=lr), pick_device(device))
-    except FileNotFoundError as e:
+        run = PredictorTrainer(data, out, PredictorConfig(steps=steps, batch=batch, lr=lr), pick_device(device), start)
+    except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from None
     if target is not None and run.spaces != [s.name for s in target.generator.spaces]:
         raise InputError(f"the data set's spaces {run.spaces} are not those of {target.name}")

@@ -14,6 +14,10 @@ down to zero along a cosine over the last ``rampdown`` of the steps (the StyleGA
 warm-up), so the final weights are not one noisy Adam step among many. The ramp is relative to the total
 ``steps``: resuming a finished run with more steps continues at the rate that total gives. Resumable:
 ``checkpoint.pt`` (weights, optimizer, step) and ``log.jsonl`` in the run directory.
+
+A run may start from another predictor with the same spaces (``start``): the shipped optimization-regime
+predictor starts from the encoder-regime one, trained on 20x more (cheaper) data, and keeps only its own
+data's error scale; this transfer is what lifts its held-out Spearman (docs/feedforward.md).
 """
 
 from __future__ import annotations
@@ -69,7 +73,8 @@ class PredictorTrainer(TrainingRun):
 
     desc = "predictor"
 
-    def __init__(self, data: Path, out_dir: Path, cfg: PredictorConfig, device: str = "cpu") -> None:
+    def __init__(self, data: Path, out_dir: Path, cfg: PredictorConfig, device: str = "cpu",
+                 start: InvertibilityPredictor | None = None) -> None:
         super().__init__(out_dir, cfg.checkpoint_every, device)
         self.images, self.errors, self.spaces = load_shards(data)
         self.regime = data_regime(data)
@@ -77,6 +82,10 @@ class PredictorTrainer(TrainingRun):
         torch.manual_seed(cfg.seed)
         self.net = InvertibilityPredictor(self.spaces).to(device)
         self.net.pyramid.load_pretrained()
+        if start is not None:
+            if start.spaces != self.spaces:
+                raise ValueError(f"the start predictor's spaces {start.spaces} are not the data's {self.spaces}")
+            self.net.load_state_dict(start.state_dict())
         self.net.scale.copy_(torch.from_numpy(self.errors.mean(axis=(0, 2, 3))))
         # each space's squared error in units of its variance: F6/F8 errors are 10x smaller than W+'s
         self.weights = torch.from_numpy(1.0 / self.errors.var(axis=(0, 2, 3))).view(1, -1, 1, 1).to(device)
