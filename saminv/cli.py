@@ -608,8 +608,8 @@ def train_predictor(data: Path = typer.Option(..., help="A data set from saminv 
                     into: Optional[str] = typer.Option(None, help=INTO_HELP),
                     start_from: Optional[str] = typer.Option(
                         None, help="A built-in name or model directory whose predictor of the other regime gives "
-                                   "the starting weights (the shipped faces64 predictor starts from its "
-                                   "encoder_predictor); ignored when the run resumes."),
+                                   "the starting weights (default: the ImageNet trunk alone); ignored when the "
+                                   "run resumes."),
                     ) -> None:
     """Train an invertibility predictor S_l: l2 regression of the per-space LPIPS error maps (paper Eq. 2)."""
     from saminv.models.model_dir import PREDICTORS, load_model, save_network

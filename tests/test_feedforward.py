@@ -208,6 +208,14 @@ def test_encoder_regime_data_trains_the_encoder_predictor(trained, tmp_path):
     assert res.exit_code == 0, res.output
     config = json.loads((model_dir / "config.json").read_text())
     assert config["encoder_predictor"]["trained"]["steps"] == 31 and config["predictor"]["trained"]["steps"] == 0
+    started = ["train", "predictor", "--data", str(data), "--steps", "1", "--batch", "2", "--out", str(tmp_path / "started")]
+    res = runner.invoke(app, [*started, "--start-from", "faces64"])  # encoder data: starts from faces64's `predictor`
+    assert res.exit_code == 0, res.output
+    state = torch.load(tmp_path / "started" / "checkpoint.pt", weights_only=True)["net"]
+    start = load_model("faces64").network("predictor").heads[0][0].weight
+    assert (state["heads.0.0.weight"] - start).abs().max() <= 1.5e-3 < start.abs().max()  # one Adam step away
+    res = runner.invoke(app, [*started, "--start-from", "no-such-model"])
+    assert res.exit_code != 0 and "no-such-model" in res.output and "Traceback" not in res.output
 
     photos = []
     for name in ("lfw-7", "astronaut"):

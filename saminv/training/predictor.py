@@ -15,9 +15,9 @@ warm-up), so the final weights are not one noisy Adam step among many. The ramp 
 ``steps``: resuming a finished run with more steps continues at the rate that total gives. Resumable:
 ``checkpoint.pt`` (weights, optimizer, step) and ``log.jsonl`` in the run directory.
 
-A run may start from another predictor with the same spaces (``start``): the shipped optimization-regime
-predictor starts from the encoder-regime one, trained on 20x more (cheaper) data, and keeps only its own
-data's error scale; this transfer is what lifts its held-out Spearman (docs/feedforward.md).
+A run may start from another predictor with the same spaces (``start``) instead of the ImageNet trunk alone,
+keeping only its own data's error scale: an optimization-regime predictor started from the encoder-regime
+one (trained on 20x more, cheaper, data) ranks held-out F2/F4/F8 segments better (docs/feedforward.md).
 """
 
 from __future__ import annotations
@@ -81,10 +81,11 @@ class PredictorTrainer(TrainingRun):
         self.cfg, self.device, self.total_steps = cfg, device, cfg.steps
         torch.manual_seed(cfg.seed)
         self.net = InvertibilityPredictor(self.spaces).to(device)
-        self.net.pyramid.load_pretrained()
-        if start is not None:
-            if start.spaces != self.spaces:
-                raise ValueError(f"the start predictor's spaces {start.spaces} are not the data's {self.spaces}")
+        if start is None:
+            self.net.pyramid.load_pretrained()
+        elif start.spaces != self.spaces:
+            raise ValueError(f"the start predictor's spaces {start.spaces} are not the data's {self.spaces}")
+        else:
             self.net.load_state_dict(start.state_dict())
         self.net.scale.copy_(torch.from_numpy(self.errors.mean(axis=(0, 2, 3))))
         # each space's squared error in units of its variance: F6/F8 errors are 10x smaller than W+'s
