@@ -63,9 +63,11 @@ def test_missing_data_is_reported(tmp_path):
 def test_start_from_another_predictor_keeps_its_weights_and_this_datas_scale(data, tmp_path):
     start = load_model("faces64").network("encoder_predictor")
     run = PredictorTrainer(data, tmp_path / "a", PredictorConfig(steps=1), start=start)
-    _, errors, _ = load_shards(data)
+    _, errors, spaces = load_shards(data)
     assert torch.equal(run.net.smooth.weight, start.smooth.weight)
     assert torch.allclose(run.net.scale, torch.from_numpy(errors.mean(axis=(0, 2, 3))))
     assert not torch.allclose(run.net.scale, start.scale)  # encoder errors are larger than optimization ones
     with pytest.raises(ValueError, match="spaces"):
         PredictorTrainer(data, tmp_path / "b", PredictorConfig(steps=1), start=InvertibilityPredictor(["W+", "F2"]))
+    with pytest.raises(ValueError, match="width"):
+        PredictorTrainer(data, tmp_path / "c", PredictorConfig(steps=1), start=InvertibilityPredictor(spaces, width=32))

@@ -83,8 +83,9 @@ class PredictorTrainer(TrainingRun):
         self.net = InvertibilityPredictor(self.spaces).to(device)
         if start is None:
             self.net.pyramid.load_pretrained()
-        elif start.spaces != self.spaces:
-            raise ValueError(f"the start predictor's spaces {start.spaces} are not the data's {self.spaces}")
+        elif start.init_kwargs() != self.net.init_kwargs():
+            raise ValueError(f"the start predictor ({start.init_kwargs()}) does not match this run's network "
+                             f"({self.net.init_kwargs()}): the data's spaces and the default width")
         else:
             self.net.load_state_dict(start.state_dict())
         self.net.scale.copy_(torch.from_numpy(self.errors.mean(axis=(0, 2, 3))))
