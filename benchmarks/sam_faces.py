@@ -6,6 +6,9 @@ equal steps), and next to W+ inversion with twice the steps (SAM's joint stage s
 result, so its w+ has seen both stages). Prints a table and writes JSON.
 
     python benchmarks/sam_faces.py [--model faces64] [--steps 200] [--photos astronaut,messi,lfw-0] [--out FILE]
+
+``--f-weight``, ``--mse-weight`` and ``--lpips-weight`` change the loss of every stage (defaults: the
+official 5, 1, 1) to measure what each term does; docs/optimization.md lists such runs.
 """
 
 from __future__ import annotations
@@ -35,8 +38,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=InversionConfig.steps)
     ap.add_argument("--photos", default=",".join(DEFAULT_PHOTOS))
     ap.add_argument("--tau", type=float, default=None)
+    ap.add_argument("--f-weight", type=float, default=InversionConfig.f_weight)
+    ap.add_argument("--mse-weight", type=float, default=InversionConfig.mse_weight)
+    ap.add_argument("--lpips-weight", type=float, default=InversionConfig.lpips_weight)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    loss = {"f_weight": args.f_weight, "mse_weight": args.mse_weight, "lpips_weight": args.lpips_weight}
 
     model = load_model(args.model)
     lpips = LPIPS()
@@ -46,11 +53,11 @@ def main() -> None:
         image = resize_square(face_photo(name), model.generator.cfg.resolution)
         torch.manual_seed(0)
         t0 = time.time()
-        r = sam_invert(model, lpips, image, tau=args.tau, cfg=InversionConfig(steps=args.steps), mode="optimize",
+        r = sam_invert(model, lpips, image, tau=args.tau, cfg=InversionConfig(steps=args.steps, **loss), mode="optimize",
                        maps="measured")
         m = r.metrics
         target = to_target(image)
-        long_w = invert_spaces(model, lpips, target, ["W+"], InversionConfig(steps=2 * args.steps))
+        long_w = invert_spaces(model, lpips, target, ["W+"], InversionConfig(steps=2 * args.steps, **loss))
         long_w_psnr = psnr(long_w.images[0], target).item()
         rows.append({"photo": name, "seconds": round(time.time() - t0, 1), "sam_psnr": m["psnr"], "sam_lpips": m["lpips"],
                      "w_plus_share": m["space_share"]["W+"], "w_plus_2x_steps_psnr": long_w_psnr,
@@ -64,11 +71,16 @@ def main() -> None:
               f"(W+ 2x steps {long_w_psnr:5.2f} dB)  "
               f"W+ share {row['w_plus_share']:4.0%}  [{singles}]  {row['seconds']:.0f} s", flush=True)
     gain = np.mean([r["sam_psnr"] - r["single_psnr"]["W+"] for r in rows])
+    spaces = list(rows[0]["single_psnr"])
+    mean_single = {k: {"psnr": float(np.mean([r["single_psnr"][k] for r in rows])),
+                       "lpips": float(np.mean([r["single_lpips"][k] for r in rows]))} for k in spaces}
+    print("mean single-space PSNR / LPIPS (paper Figure 3): " +
+          "  ".join(f"{k} {v['psnr']:5.2f} / {v['lpips']:.4f}" for k, v in mean_single.items()))
     print(f"mean PSNR gain of SAM over W+: {gain:+.2f} dB; tau {model.tau if args.tau is None else args.tau}; "
-          f"steps {args.steps} per stage; torch threads {torch.get_num_threads()}")
+          f"steps {args.steps} per stage; loss {loss}; torch threads {torch.get_num_threads()}")
     if args.out:
         args.out.write_text(json.dumps({"model": args.model, "tau": args.tau or model.tau, "steps": args.steps,
-                                        "rows": rows}, indent=2))
+                                        "loss": loss, "mean_single_space": mean_single, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
