@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     loss = {"f_weight": args.f_weight, "mse_weight": args.mse_weight, "lpips_weight": args.lpips_weight}
+    cfg = InversionConfig(steps=args.steps, **loss)
 
     model = load_model(args.model)
     lpips = LPIPS()
@@ -53,11 +55,10 @@ def main() -> None:
         image = resize_square(face_photo(name), model.generator.cfg.resolution)
         torch.manual_seed(0)
         t0 = time.time()
-        r = sam_invert(model, lpips, image, tau=args.tau, cfg=InversionConfig(steps=args.steps, **loss), mode="optimize",
-                       maps="measured")
+        r = sam_invert(model, lpips, image, tau=args.tau, cfg=cfg, mode="optimize", maps="measured")
         m = r.metrics
         target = to_target(image)
-        long_w = invert_spaces(model, lpips, target, ["W+"], InversionConfig(steps=2 * args.steps, **loss))
+        long_w = invert_spaces(model, lpips, target, ["W+"], replace(cfg, steps=2 * args.steps))
         long_w_psnr = psnr(long_w.images[0], target).item()
         rows.append({"photo": name, "seconds": round(time.time() - t0, 1), "sam_psnr": m["psnr"], "sam_lpips": m["lpips"],
                      "w_plus_share": m["space_share"]["W+"], "w_plus_2x_steps_psnr": long_w_psnr,
