@@ -48,6 +48,7 @@ def main() -> None:
     cfg = InversionConfig(steps=args.steps, **loss)
 
     model = load_model(args.model)
+    tau = model.tau if args.tau is None else args.tau
     lpips = LPIPS()
     names = [n for n in args.photos.split(",") if n != "messi" or (OPENCV_DATA / "messi5.jpg").is_file()]
     rows = []
@@ -55,7 +56,7 @@ def main() -> None:
         image = resize_square(face_photo(name), model.generator.cfg.resolution)
         torch.manual_seed(0)
         t0 = time.time()
-        r = sam_invert(model, lpips, image, tau=args.tau, cfg=cfg, mode="optimize", maps="measured")
+        r = sam_invert(model, lpips, image, tau=tau, cfg=cfg, mode="optimize", maps="measured")
         m = r.metrics
         target = to_target(image)
         long_w = invert_spaces(model, lpips, target, ["W+"], replace(cfg, steps=2 * args.steps))
@@ -72,15 +73,14 @@ def main() -> None:
               f"(W+ 2x steps {long_w_psnr:5.2f} dB)  "
               f"W+ share {row['w_plus_share']:4.0%}  [{singles}]  {row['seconds']:.0f} s", flush=True)
     gain = np.mean([r["sam_psnr"] - r["single_psnr"]["W+"] for r in rows])
-    spaces = list(rows[0]["single_psnr"])
     mean_single = {k: {"psnr": float(np.mean([r["single_psnr"][k] for r in rows])),
-                       "lpips": float(np.mean([r["single_lpips"][k] for r in rows]))} for k in spaces}
+                       "lpips": float(np.mean([r["single_lpips"][k] for r in rows]))} for k in rows[0]["single_psnr"]}
     print("mean single-space PSNR / LPIPS (paper Figure 3): " +
           "  ".join(f"{k} {v['psnr']:5.2f} / {v['lpips']:.4f}" for k, v in mean_single.items()))
-    print(f"mean PSNR gain of SAM over W+: {gain:+.2f} dB; tau {model.tau if args.tau is None else args.tau}; "
+    print(f"mean PSNR gain of SAM over W+: {gain:+.2f} dB; tau {tau}; "
           f"steps {args.steps} per stage; loss {loss}; torch threads {torch.get_num_threads()}")
     if args.out:
-        args.out.write_text(json.dumps({"model": args.model, "tau": args.tau or model.tau, "steps": args.steps,
+        args.out.write_text(json.dumps({"model": args.model, "tau": tau, "steps": args.steps,
                                         "loss": loss, "mean_single_space": mean_single, "rows": rows}, indent=2))
 
 
