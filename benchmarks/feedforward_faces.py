@@ -1,24 +1,32 @@
 """Feed-forward SAM on the held-out real photos (issue: feed-forward SAM, "Done when").
 
-Five measurements, each on photos no training step saw (:func:`saminv.photos.held_out_photos`):
+Six measurements, each on photos no training step saw (:func:`saminv.photos.held_out_photos`):
 
 * ``predictor``, ``encoder_predictor``  predicted vs measured invertibility, per regime: per space, the Spearman
   correlation of the per-segment mean errors (segments of all photos pooled; measured = single-space
   optimizations with the data set's step budget, or single-space encoder passes), and the share of
-  pixels whose layer map (the regime's tau) agrees; for the encoder regime also how well the measured
+  pixels whose layer map agrees at the measured maps' tau (like with like: both maps on the data set's
+  error scale); for the encoder regime also how well the measured
   layer map agrees with the one measured on the mirrored photo (the measurement's own stability), and
   the scores of the predicted maps anchored to the measured W+ error (what encoder mode uses);
+* ``layer_maps`` the optimization regime's layer maps as ``saminv invert --maps measured|predicted`` makes them:
+  measured maps after the default optimization (``--steps``) cut at ``tau``, predicted maps cut at
+  ``tau_predicted`` (one per space, their own error scale) and, for comparison, at ``tau``: pixel
+  agreement, W+ share;
 * ``encoder``    encoder SAM (encoder-regime predicted masks, W+ and Δf encoders) vs the W+ encoder alone:
   PSNR, LPIPS; encoder SAM with measured encoder maps (what a perfect predictor would give); and the PSNR
   of each single-space encoder inversion (W+, or w+ plus Δf_k everywhere; paper Figure 3's ordering);
-* ``optimize``   SAM optimization with predicted maps vs measured maps (same steps): PSNR, seconds;
-  plus hybrid mode (encoder start + joint optimization) at a few step budgets;
+* ``optimize``   SAM optimization with predicted maps vs measured maps (same steps, each at its own tau):
+  PSNR, LPIPS, seconds, share of pixels in W+ and the share where the two layer maps agree; plus hybrid
+  mode (encoder start + joint optimization) at a few step budgets;
 * ``latency``    encoder mode, one 64 x 64 photo, the ``saminv.invert`` code path: median and p95 of
   ``--runs`` runs after 5 warm-up runs, on the threads torch has (OMP_NUM_THREADS=2 on CI machines);
   the inversion alone, and with the PSNR/LPIPS evaluation of its result.
 
-    OMP_NUM_THREADS=2 python benchmarks/feedforward_faces.py [--parts predictor,encoder_predictor,encoder,optimize,latency]
+    OMP_NUM_THREADS=2 python benchmarks/feedforward_faces.py [--parts predictor,encoder_predictor,layer_maps,encoder,optimize,latency]
         [--lfw 9] [--optimize-photos 6] [--out docs/feedforward_bench.json]
+
+``--out`` updates the parts run in an existing JSON file and keeps the others.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from saminv.imageio import resize_square
 from saminv.inversion.feedforward import encode_each_space, encoder_error_maps, predicted_maps
 from saminv.inversion.optimize import InversionConfig
 from saminv.inversion.sam import invert_spaces, sam_invert, to_target
-from saminv.inversion.selection import anchor_to_measured_wplus, layer_map, segment, segment_means
+from saminv.inversion.selection import anchor_to_measured_wplus, layer_map, segment, segment_means, thresholds
 from saminv.metrics import psnr
 from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import load_model
@@ -85,6 +93,30 @@ def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8
                 "layer_map_agreement": anchored_agree / pixels}}
 
 
+def layer_maps_part(model, lpips, photos, steps: int, batch: int = 8) -> dict:
+    names = [s.name for s in model.generator.spaces]
+    tau, tau_predicted = model.tau_for("optimization"), model.tau_for("optimization", "predicted")
+    predicted_taus = thresholds(tau_predicted, names)
+    rows = []
+    for start in range(0, len(photos), batch):
+        chunk = photos[start:start + batch]
+        targets = torch.cat([to_target(img) for _, img in chunk])
+        measured = invert_spaces(model, lpips, targets, names, InversionConfig(steps=steps), progress=True).error_maps
+        predicted = predicted_maps(model, targets, names)
+        for i, (name, img) in enumerate(chunk):
+            labels = {"measured": layer_map(measured[:, i].numpy(), img, tau),
+                      "predicted": layer_map(predicted[i].numpy(), img, predicted_taus),
+                      "predicted_at_tau": layer_map(predicted[i].numpy(), img, tau)}
+            rows.append({"photo": name, "w_plus_share": {k: float((v == 0).mean()) for k, v in labels.items()},
+                         "agreement": {k: float((labels[k] == labels["measured"]).mean())
+                                       for k in ("predicted", "predicted_at_tau")}})
+            print(f"  {name}: W+ share measured {rows[-1]['w_plus_share']['measured']:.0%}, predicted "
+                  f"{rows[-1]['w_plus_share']['predicted']:.0%} (at tau {rows[-1]['w_plus_share']['predicted_at_tau']:.0%}); "
+                  f"agreement {rows[-1]['agreement']['predicted']:.1%} (at tau {rows[-1]['agreement']['predicted_at_tau']:.1%})")
+    mean = {key: {k: float(np.mean([r[key][k] for r in rows])) for k in rows[0][key]} for key in ("w_plus_share", "agreement")}
+    return {"steps": steps, "tau": tau, "tau_predicted": tau_predicted, "mean": mean, "rows": rows}
+
+
 def encoder_part(model, lpips, photos) -> dict:
     rows, names = [], [s.name for s in model.generator.spaces]
     for name, img in photos:
@@ -110,19 +142,25 @@ def encoder_part(model, lpips, photos) -> dict:
 def optimize_part(model, lpips, photos, steps: int, hybrid_steps: list[int]) -> dict:
     rows = []
     for name, img in photos:
-        row = {"photo": name}
+        row, labels = {"photo": name}, {}
         for label, kwargs in [("measured", {"mode": "optimize", "maps": "measured", "cfg": InversionConfig(steps=steps)}),
                               ("predicted", {"mode": "optimize", "maps": "predicted", "cfg": InversionConfig(steps=steps)}),
                               *[(f"hybrid_{n}", {"mode": "hybrid", "cfg": InversionConfig(steps=n)}) for n in hybrid_steps]]:
             torch.manual_seed(0)
             r = sam_invert(model, lpips, img, **kwargs)
-            row[label] = {"psnr": r.metrics["psnr"], "lpips": r.metrics["lpips"], "seconds": r.metrics["seconds"]}
-        print(f"  {name}: " + ", ".join(f"{k} {v['psnr']:.2f} dB {v['seconds']:.0f} s" for k, v in row.items() if k != "photo"))
+            labels[label] = r.labels
+            row[label] = {"psnr": r.metrics["psnr"], "lpips": r.metrics["lpips"], "seconds": r.metrics["seconds"],
+                          "tau": r.metrics["tau"], "w_plus_share": r.metrics["space_share"]["W+"]}
+        row["layer_map_agreement"] = float((labels["predicted"] == labels["measured"]).mean())
+        print(f"  {name}: " + ", ".join(f"{k} {v['psnr']:.2f} dB {v['seconds']:.0f} s W+ {v['w_plus_share']:.0%}"
+                                        for k, v in row.items() if isinstance(v, dict))
+              + f"; predicted and measured layer maps agree on {row['layer_map_agreement']:.1%}")
         rows.append(row)
-    labels = [k for k in rows[0] if k != "photo"]
-    mean = {k: {m: float(np.mean([r[k][m] for r in rows])) for m in ("psnr", "lpips", "seconds")} for k in labels}
+    keys = [k for k, v in rows[0].items() if isinstance(v, dict)]
+    mean = {k: {m: float(np.mean([r[k][m] for r in rows])) for m in ("psnr", "lpips", "seconds", "w_plus_share")}
+            for k in keys}
     return {"steps": steps, "mean": mean, "predicted_minus_measured_db": mean["predicted"]["psnr"] - mean["measured"]["psnr"],
-            "rows": rows}
+            "layer_map_agreement": float(np.mean([r["layer_map_agreement"] for r in rows])), "rows": rows}
 
 
 def latency_part(model, lpips, image: np.ndarray, runs: int) -> dict:
@@ -142,10 +180,10 @@ def latency_part(model, lpips, image: np.ndarray, runs: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="faces64")
-    ap.add_argument("--parts", default="predictor,encoder_predictor,encoder,optimize,latency")
+    ap.add_argument("--parts", default="predictor,encoder_predictor,layer_maps,encoder,optimize,latency")
     ap.add_argument("--lfw", type=int, default=9, help="Held-out LFW faces to include (of 100).")
-    ap.add_argument("--measure-steps", type=int, default=100, help="Steps of the single-space inversions that measure maps.")
-    ap.add_argument("--steps", type=int, default=InversionConfig.steps, help="Optimization steps of optimize mode.")
+    ap.add_argument("--measure-steps", type=int, default=100, help="Steps of the single-space inversions that measure maps (predictor part: the data set's budget).")
+    ap.add_argument("--steps", type=int, default=InversionConfig.steps, help="Optimization steps of optimize mode and of the layer_maps part's measured maps.")
     ap.add_argument("--hybrid-steps", default="25,50,100,200")
     ap.add_argument("--optimize-photos", type=int, default=6)
     ap.add_argument("--runs", type=int, default=20)
@@ -163,6 +201,10 @@ def main() -> None:
             print(f"{key}: predicted vs measured invertibility maps ({regime} regime)")
             result[key] = predictor_part(model, lpips, photos, args.measure_steps, regime)
             print(json.dumps(result[key], indent=1))
+    if "layer_maps" in parts:
+        print("layer maps of the optimization regime: measured (tau) vs predicted (tau_predicted)")
+        result["layer_maps"] = layer_maps_part(model, lpips, photos, args.steps)
+        print(json.dumps(result["layer_maps"]["mean"], indent=1))
     if "encoder" in parts:
         print("encoder SAM vs W+ encoder")
         result["encoder"] = encoder_part(model, lpips, photos)
@@ -178,7 +220,9 @@ def main() -> None:
         print(f"encoder mode: median {lat['median_ms']:.1f} ms, p95 {lat['p95_ms']:.1f} ms; with PSNR/LPIPS of the "
               f"result median {lat['with_evaluation_median_ms']:.1f} ms ({lat['threads']} threads)")
     if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        kept = json.loads(args.out.read_text()) if args.out.exists() else {}
+        args.out.write_text(json.dumps({**kept, **result}, indent=2) + "\n")
+        print(f"updated {', '.join(k for k in result if k in parts)} in {args.out}")
 
 
 if __name__ == "__main__":

@@ -26,13 +26,13 @@ def _model(model: ModelLike) -> Model:
 
 
 def invert(image: str | Path | Image.Image | np.ndarray, model: ModelLike = "faces64", mode: str | None = None,
-           tau: float | None = None, steps: int = 200, maps: str | None = None) -> SamResult:
+           tau: float | dict[str, float] | None = None, steps: int = 200, maps: str | None = None) -> SamResult:
     """SAM inversion of one photo (a path, a PIL image or an H x W x 3 uint8 array; centre-cropped and
     resized to the model's resolution). ``mode``: "encoder" (one feed-forward pass), "optimize",
     "hybrid" (encoder start, then ``steps`` of joint optimization); default: hybrid when the model has
     trained encoders, else optimize. ``maps``: "predicted" or "measured" invertibility maps of the mode's
-    regime (default: predicted when the model has that regime's predictor); ``tau``: default the model's
-    calibrated tau of that regime. Returns a SamResult: ``image`` [3, R, R] in [-1, 1],
+    regime (default: predicted when the model has that regime's predictor); ``tau``: one threshold or one
+    per space name, default the model's calibrated tau for those maps (``Model.tau_for``). Returns a SamResult: ``image`` [3, R, R] in [-1, 1],
     ``codes``, ``labels`` [R, R], ``names``, ``metrics``. Raises InputError for unreadable images or a
     mode the model lacks networks for."""
     m = _model(model)

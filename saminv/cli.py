@@ -143,8 +143,9 @@ def parse_spaces(spaces: Optional[str], available: list[str]) -> list[str] | Non
 def invert(paths: list[Path] = typer.Argument(..., help="Images or directories of images."),
            model: str = typer.Option("faces64", help=MODEL_HELP),
            out: Path = typer.Option(Path("saminv-out"), help="Output root; one folder per image, never overwritten."),
-           tau: Optional[float] = typer.Option(None, help="Invertibility threshold (default: the model's calibrated tau of "
-                                                         "the mode's regime: tau_encoder in encoder mode and with --bundle)."),
+           tau: Optional[float] = typer.Option(None, help="Invertibility threshold (default: the model's calibrated tau for "
+                                                         "the maps: tau, tau_predicted with the optimization predictor's maps, "
+                                                         "tau_encoder in encoder mode and with --bundle)."),
            steps: int = typer.Option(200, min=1, help="Optimization steps, per stage (single-space and SAM)."),
            spaces: Optional[str] = typer.Option(None, help="Comma-separated latent spaces to choose from (default: all of the model's)."),
            segments: int = typer.Option(48, min=1, help="Number of SLIC superpixels."),
@@ -487,29 +488,41 @@ def bench(archs: str = typer.Option("faces64,256", help="Comma-separated: model 
 @reports_errors
 def calibrate(model: str = typer.Option("faces64", help="A built-in name or model directory (config.json is updated)."),
               images: Optional[list[Path]] = typer.Option(None, help="Validation photos or directories (default: 16 crops of scikit-image photos)."),
-              steps: int = typer.Option(200, help="Optimization steps of the W+ inversions."),
-              quantile: float = typer.Option(0.5, min=0.0, max=1.0, help="Quantile of per-segment W+ errors that becomes tau."),
+              steps: int = typer.Option(200, help="Optimization steps of the inversions."),
+              quantile: float = typer.Option(0.5, min=0.0, max=1.0, help="Quantile of per-segment W+ errors that becomes tau (measured maps)."),
               regime: str = typer.Option("optimization", help="Whose errors: optimization (stores tau) or encoder "
                                                                "(the W+ encoder's, stores tau_encoder; needs trained encoders)."),
+              maps: str = typer.Option("measured", help="measured, or predicted: one tau per space for the optimization "
+                                                         "predictor's maps, matched to the measured maps at tau (stores "
+                                                         "tau_predicted; calibrate tau first; inverts in every space)."),
               ) -> None:
     """Calibrate tau on validation photos and store it in the model's config.json."""
     from saminv.imageio import collect_images, load_image, resize_square
     from saminv.inversion.calibration import calibrate_tau, store_tau
+    from saminv.inversion.sam import MAPS
     from saminv.models.lpips import LPIPS
     from saminv.models.model_dir import REGIMES, TAU_KEYS
     from saminv.photos import validation_photos
 
     if regime not in REGIMES:
         raise InputError(f"--regime must be one of {', '.join(REGIMES)}, got {regime!r}")
+    if maps not in MAPS:
+        raise InputError(f"--maps must be one of {', '.join(MAPS)}, got {maps!r}")
     m = model_directory(model, "calibrate")
     r = m.generator.cfg.resolution
     if images:
         photos = [load_image(p, r) for p in collect_images(images)]
     else:
         photos = [resize_square(p, r) for p in validation_photos()]
-    tau, stats = calibrate_tau(m, LPIPS(), photos, steps=steps, quantile=quantile, progress=True, regime=regime)
-    store_tau(m.path, tau, stats, regime)
-    typer.echo(f"{TAU_KEYS[regime]} = {tau:.4f} (quantile {quantile} of {stats['segments']} segment errors) -> {m.path / 'config.json'}")
+    tau, stats = calibrate_tau(m, LPIPS(), photos, steps=steps, quantile=quantile, progress=True, regime=regime, maps=maps)
+    key = TAU_KEYS[regime, maps]
+    store_tau(m.path, key, tau, stats)
+    shown = ", ".join(f"{n} {t:.4f}" for n, t in tau.items()) if isinstance(tau, dict) else f"{tau:.4f}"
+    typer.echo(f"{key} = {shown} ({stats['segments']} segments of {stats['images']} photos) -> {m.path / 'config.json'}")
+    matched = TAU_KEYS["optimization", "predicted"]
+    if key == "tau" and matched in m.meta:  # the predicted maps' taus were matched to the previous tau
+        store_tau(m.path, matched, None)
+        typer.echo(f"removed {matched} (matched to the previous tau): saminv calibrate --model {model} --maps predicted")
 
 
 @app.command("sample-photo")
@@ -612,7 +625,7 @@ def train_predictor(data: Path = typer.Option(..., help="A data set from saminv 
                                    "run resumes."),
                     ) -> None:
     """Train an invertibility predictor S_l: l2 regression of the per-space LPIPS error maps (paper Eq. 2)."""
-    from saminv.models.model_dir import PREDICTORS, load_model, save_network
+    from saminv.models.model_dir import PREDICTORS, TAU_KEYS, load_model, save_network
     from saminv.training.predictor import PredictorConfig, PredictorTrainer, data_regime
 
     target = model_directory(into, "--into") if into else None
@@ -632,6 +645,11 @@ def train_predictor(data: Path = typer.Option(..., help="A data set from saminv 
     if target is not None:
         save_network(target.path, kind, run.net, {"data": str(data), **run.record()})
         typer.echo(f"{kind} weights -> {target.path / (kind + '.safetensors')}")
+        if run.regime == "optimization":  # the previous predictor's tau_predicted does not fit the new maps
+            from saminv.inversion.calibration import store_tau
+
+            store_tau(target.path, TAU_KEYS["optimization", "predicted"], None)
+            typer.echo(f"then: saminv calibrate --model {target.path} --maps predicted (its maps' tau, one per space)")
 
 
 @train_app.command("encoder")

@@ -45,16 +45,17 @@ PANEL_SCALE = 4  # 64 px images are shown at 256 px
 @dataclass
 class SavedCodes:
     """The contents of a codes file: the codes of one image, its layer map [R, R] (index into ``names``),
-    and the model name and tau it was inverted with."""
+    and the model name and tau it was inverted with (one, or one per space name)."""
 
     codes: Codes
     labels: np.ndarray
     names: list[str]
     model: str
-    tau: float
+    tau: float | dict[str, float]
 
 
-def save_codes(path: Path, codes: Codes, labels: np.ndarray, names: list[str], model_name: str, tau: float) -> None:
+def save_codes(path: Path, codes: Codes, labels: np.ndarray, names: list[str], model_name: str,
+               tau: float | dict[str, float]) -> None:
     """Write codes of one image with its layer map to a .safetensors file (atomically); ``model_name``
     says which model (or bundle's model) they belong to."""
     tensors = {"wplus": codes.wplus, "labels": torch.as_tensor(np.asarray(labels, dtype=np.int64))}
@@ -62,7 +63,7 @@ def save_codes(path: Path, codes: Codes, labels: np.ndarray, names: list[str], m
         tensors[f"delta.F{k}"] = codes.deltas[k]
         tensors[f"mask.F{k}"] = codes.masks[k]
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    meta = {"model": model_name, "spaces": json.dumps(names), "tau": str(tau)}
+    meta = {"model": model_name, "spaces": json.dumps(names), "tau": json.dumps(tau)}
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
@@ -74,7 +75,7 @@ def load_codes(path: Path) -> SavedCodes:
             meta = f.metadata() or {}
         ks = sorted(int(k.split(".F")[1]) for k in t if k.startswith("delta.F"))
         codes = Codes(t["wplus"], {k: t[f"delta.F{k}"] for k in ks}, {k: t[f"mask.F{k}"] for k in ks})
-        return SavedCodes(codes, t["labels"].numpy(), json.loads(meta["spaces"]), meta["model"], float(meta["tau"]))
+        return SavedCodes(codes, t["labels"].numpy(), json.loads(meta["spaces"]), meta["model"], json.loads(meta["tau"]))
     except Exception as e:  # safetensors raises several types for broken files
         raise InputError(f"{path}: not a saminv codes file ({str(e).splitlines()[0]})") from None
 

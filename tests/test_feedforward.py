@@ -149,7 +149,16 @@ def test_every_mode_on_a_real_photo(lpips, face):
     predicted = sam_invert(model, lpips, face, mode="optimize", cfg=cfg)
     measured = sam_invert(model, lpips, face, mode="optimize", maps="measured", cfg=cfg)
     assert predicted.single is None and measured.single is not None
-    assert abs(predicted.metrics["psnr"] - measured.metrics["psnr"]) < 2
+    # each set of maps is cut at the tau of its own error scale
+    assert predicted.metrics["tau"] == hybrid.metrics["tau"] == model.tau_for("optimization", "predicted") != model.tau
+    assert measured.metrics["tau"] == model.tau
+    with torch.no_grad():
+        optimization_maps = predicted_maps(model, target, predicted.names)[0].numpy()
+    per_space = model.meta["tau_predicted"]  # one per space, on the predictor's own error scale
+    assert set(per_space) == set(predicted.names)
+    assert (predicted.labels == layer_map(optimization_maps, face, [per_space[n] for n in predicted.names])).all()
+    wplus = measured.single.images[0]  # [1, 3, R, R]: a 20-step W+ inversion, where a joint optimization starts
+    assert predicted.metrics["psnr"] > psnr(wplus, target).item() + 0.5 and predicted.metrics["lpips"] < lpips(wplus, target).item()
     assert predicted.metrics["seconds"] < measured.metrics["seconds"]  # no per-space inversions
 
 
@@ -187,6 +196,11 @@ def test_modes_need_their_networks_and_tau(face, lpips):
     bare.meta.pop("tau_encoder")
     with pytest.raises(InputError, match="no calibrated tau for the encoder regime"):
         bare.tau_for("encoder")
+    predictor_only = load_model("faces64")
+    predictor_only.meta.pop("tau_predicted")  # a predictor whose maps' tau was never calibrated
+    with pytest.raises(InputError, match="saminv calibrate --regime optimization --maps predicted"):
+        sam_invert(predictor_only, lpips, face, mode="optimize", cfg=InversionConfig(steps=1))
+    assert sam_invert(predictor_only, lpips, face, mode="optimize", tau=0.05, cfg=InversionConfig(steps=1)).metrics["tau"] == 0.05
     with pytest.raises(InputError, match="not W"):
         sam_invert(load_model("faces64"), lpips, face, mode="encoder", names=["W", "F8"])
 

@@ -236,6 +236,7 @@ def test_calibrate_stores_tau_in_the_model_directory(tmp_path, model):
     assert record["images"] == 2 and record["quantile"] == 0.25
     assert 0 < cfg["tau"] <= record["error_quartiles"][1]
     assert load_model(model_dir).tau == cfg["tau"]
+    assert "tau_predicted" not in cfg and "removed tau_predicted" in res.output  # it was matched to the old tau
 
 
 def test_sample_photo(tmp_path):

@@ -1,13 +1,23 @@
 """The invertibility predictor S_l: shapes, and that training on real inversion data fits it."""
 
 import json
+import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from typer.testing import CliRunner
 
+from saminv.cli import app
+from saminv.errors import InputError
+from saminv.imageio import resize_square
+from saminv.inversion.sam import to_target
+from saminv.inversion.selection import segment, segment_means
 from saminv.models.efficientnet import EfficientNetLite0, PYRAMID_CHANNELS
 from saminv.models.model_dir import load_model
 from saminv.models.predictor import InvertibilityPredictor
+from saminv.photos import face_photo
 from saminv.training.invertibility_data import DataConfig, generate_dataset
 from saminv.training.predictor import PredictorConfig, PredictorTrainer, load_shards
 
@@ -71,3 +81,39 @@ def test_start_from_another_predictor_keeps_its_weights_and_this_datas_scale(dat
         PredictorTrainer(data, tmp_path / "b", PredictorConfig(steps=1), start=InvertibilityPredictor(["W+", "F2"]))
     with pytest.raises(ValueError, match="width"):
         PredictorTrainer(data, tmp_path / "c", PredictorConfig(steps=1), start=InvertibilityPredictor(spaces, width=32))
+
+
+def test_cli_trains_into_a_model_directory_then_calibrates_its_maps_tau(data, tmp_path):
+    """A new predictor drops the previous predictor's tau_predicted; `saminv calibrate --maps predicted` then
+    gives one tau per space: the quantile of its per-segment errors at the measured maps' pass rate."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(load_model("faces64").path, model_dir)
+    before = json.loads((model_dir / "config.json").read_text())
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "predictor", "--data", str(data), "--steps", "3", "--batch", "2",
+                              "--out", str(tmp_path / "run"), "--into", str(model_dir)])
+    assert res.exit_code == 0, res.output
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["predictor"]["trained"]["steps"] == 3 and config["tau"] == before["tau"]
+    assert "tau_predicted" not in config and "tau_predicted_calibration" not in config
+    with pytest.raises(InputError, match="saminv calibrate --regime optimization --maps predicted"):
+        load_model(model_dir).tau_for("optimization", "predicted")
+
+    photos = [resize_square(face_photo(n), 64) for n in ("astronaut", "lfw-3")]
+    args = ["calibrate", "--model", str(model_dir), "--maps", "predicted", "--steps", "20"]
+    for i, photo in enumerate(photos):
+        Image.fromarray(photo).save(tmp_path / f"{i}.png")
+        args += ["--images", str(tmp_path / f"{i}.png")]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    config = json.loads((model_dir / "config.json").read_text())
+    taus, record = config["tau_predicted"], config["tau_predicted_calibration"]
+    names = [s.name for s in load_model(model_dir).generator.spaces]
+    assert list(taus) == names and record["tau"] == config["tau"] and record["images"] == 2
+    assert 0 < record["measured_pass_rates"]["F8"] and record["measured_pass_rates"]["W+"] < 1  # 20 steps: W+ is poor
+    with torch.no_grad():
+        maps = load_model(model_dir).network("predictor")(torch.cat([to_target(p) for p in photos])).numpy()
+    predicted = np.concatenate([segment_means(m, segment(p)) for m, p in zip(maps, photos)], axis=1)
+    for s, name in enumerate(names):
+        assert taus[name] == pytest.approx(np.quantile(predicted[s], record["measured_pass_rates"][name]), abs=2e-4)
+    assert load_model(model_dir).tau_for("optimization", "predicted") == taus

@@ -9,7 +9,8 @@ from skimage.data import astronaut
 
 from saminv.inversion.optimize import projector_lr
 from saminv.inversion.sam import space_index, space_masks
-from saminv.inversion.selection import anchor_to_measured_wplus, segment, segment_means, select_spaces
+from saminv.inversion.calibration import quantile_matched_taus
+from saminv.inversion.selection import anchor_to_measured_wplus, segment, segment_means, select_spaces, thresholds
 
 
 def test_rule_takes_the_most_editable_space_under_tau():
@@ -29,13 +30,34 @@ def test_rule_when_errors_are_not_monotone():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.lists(st.floats(0, 1), min_size=5, max_size=5), min_size=1, max_size=20), st.floats(0, 1))
+@given(st.lists(st.lists(st.floats(0, 1), min_size=5, max_size=5), min_size=1, max_size=20),
+       st.floats(0, 1) | st.lists(st.floats(0, 1), min_size=5, max_size=5))
 def test_rule_matches_its_definition(columns, tau):
+    """One tau for all spaces, or one per space."""
     errors = np.array(columns).T
-    choice = select_spaces(errors, tau)
+    choice = select_spaces(errors, np.array(tau))
+    taus = np.broadcast_to(tau, (5,))
     for j, c in enumerate(choice):
-        passing = np.flatnonzero(errors[:, j] <= tau)
+        passing = np.flatnonzero(errors[:, j] <= taus)
         assert c == (passing[0] if passing.size else errors.shape[0] - 1)
+
+
+def test_per_space_taus_come_in_the_order_of_the_spaces():
+    tau = {"W+": 0.1, "F4": 0.2, "F8": 0.3}
+    assert thresholds(tau, ["F8", "W+"]).tolist() == [0.3, 0.1] and thresholds(0.2, ["W+"]) == 0.2
+    with pytest.raises(KeyError):
+        thresholds(tau, ["F2"])
+
+
+def test_quantile_matched_taus_pass_as_many_segments_as_the_measured_errors():
+    rng = np.random.default_rng(0)
+    measured = rng.uniform(0, 0.1, (3, 400))
+    predicted = np.stack([2 * measured[0], measured[1] + 0.05, rng.uniform(0, 1, 400)])  # other scales, one unrelated
+    taus = quantile_matched_taus(measured, predicted, tau=0.04)
+    rates = (measured <= 0.04).mean(1)
+    np.testing.assert_allclose((predicted <= taus[:, None]).mean(1), rates, atol=1 / 400)
+    np.testing.assert_allclose(taus[:2], [0.08, 0.09], atol=0.002)  # a monotone rescaling maps tau exactly
+    np.testing.assert_array_equal(select_spaces(predicted[:2], taus[:2]), select_spaces(measured[:2], 0.04))
 
 
 def test_segment_means_average_over_each_segment():

@@ -6,9 +6,17 @@ is the ``quantile`` of their per-segment W+ errors (measured after the default o
 the default quantile 0.5, the typical validation segment stays in W+ (editable) and the harder half
 moves to the F_k spaces, which is the paper's intent (Sec. 3.2) expressed in the model's own units.
 
-Each inversion regime has its own tau (the encoders leave about ten times the optimization's error):
+A tau belongs to the error scale of the maps it cuts (:data:`saminv.models.model_dir.TAU_KEYS`):
 ``regime="optimization"`` measures W+ errors after the default optimization and stores ``tau``;
-``regime="encoder"`` measures the W+ encoder's errors (one pass) and stores ``tau_encoder``.
+``regime="encoder"`` measures the W+ encoder's errors (one pass) and stores ``tau_encoder`` (the
+encoders leave about ten times the optimization's error). ``maps="predicted"`` stores ``tau_predicted``
+for the optimization ``predictor``'s maps, one per space: the predictor learned its data set's step
+budget, whose errors exceed the default optimization's by a factor that differs per space (faces64:
+W+ 1.7x, F8 4.6x in the median), so one threshold cannot match them all. Each space's tau is the quantile
+of the predicted per-segment errors at the share of segments whose measured error (after the default
+optimization, every space) is <= ``tau``: the predicted maps then pass each space on the validation
+photos as often as the measured maps do (quantile matching; W+ gets the median, as ``tau`` does).
+Calibrate ``tau`` first; this costs single-space optimizations in every space.
 
 The default validation set is :func:`saminv.photos.validation_photos` (16 crops of real scikit-image
 photos, disjoint from the face photos that tests and benchmarks evaluate on): sharp colour content
@@ -25,41 +33,83 @@ import numpy as np
 import torch
 
 from saminv.imageio import atomic_write
-from saminv.inversion.feedforward import encoder_error_maps
+from saminv.errors import InputError
+from saminv.inversion.feedforward import encoder_error_maps, predicted_maps
 from saminv.inversion.optimize import InversionConfig
 from saminv.inversion.sam import invert_spaces, to_target
 from saminv.inversion.selection import segment, segment_means
 from saminv.models.lpips import LPIPS
-from saminv.models.model_dir import TAU_KEYS, Model
+from saminv.models.model_dir import PREDICTORS, Model
+
+
+def quantile_matched_taus(measured: np.ndarray, predicted: np.ndarray, tau: float) -> np.ndarray:
+    """Per-space thresholds for predicted errors: measured and predicted per-segment errors [S, K] of the
+    same segments; returns [S] taus such that each space's predicted errors pass (<= tau_s) on the share of
+    segments whose measured errors pass ``tau``."""
+    rates = (measured <= tau).mean(axis=1)
+    return np.array([np.quantile(p, r) for p, r in zip(predicted, rates)])
 
 
 def calibrate_tau(model: Model, lpips: LPIPS, images: list[np.ndarray], steps: int = 200, quantile: float = 0.5,
-                  n_segments: int = 48, progress: bool = False, regime: str = "optimization") -> tuple[float, dict]:
-    """tau of ``regime`` = ``quantile`` of per-segment W+ LPIPS errors of ``images`` (R x R x 3 uint8,
-    already at the model's resolution), inverted by that regime (``steps``: optimization steps).
-    Returns (tau, a record of how it was measured). Raises InputError (encoder regime) without encoders."""
+                  n_segments: int = 48, progress: bool = False, regime: str = "optimization",
+                  maps: str = "measured") -> tuple[float | dict[str, float], dict]:
+    """tau for ``maps`` of ``regime`` on ``images`` (R x R x 3 uint8, already at the model's resolution;
+    ``steps``: optimization steps): measured maps get the ``quantile`` of the per-segment W+ LPIPS errors
+    after that regime's inversion; the optimization predictor's maps get one tau per space name
+    (:func:`quantile_matched_taus` against the measured maps of every space at the model's ``tau``).
+    Returns (tau, a record of how it was measured). Raises InputError without the encoders or predictor
+    it needs, and for the encoder regime's predicted maps (anchored to the measured W+ error, they use
+    the measured maps' ``tau_encoder``)."""
+    if (regime, maps) == ("encoder", "predicted"):
+        raise InputError("encoder mode anchors its predicted maps to the measured W+ error: they use tau_encoder "
+                         "(saminv calibrate --regime encoder --maps measured)")
     device = model.generator.mapping.w_avg.device
     target = torch.cat([to_target(im, device) for im in images])
+    segments = [segment(im, n_segments) for im in images]
+
+    def pooled(error_maps: torch.Tensor) -> np.ndarray:  # [N, S, R, R] -> per-segment errors [S, K of all images]
+        return np.concatenate([segment_means(e.cpu().numpy(), seg) for e, seg in zip(error_maps, segments)], axis=1)
+
+    def optimized(names: list[str]) -> np.ndarray:  # single-space optimizations, 8 photos per batch (faster on CPU)
+        return pooled(torch.cat([invert_spaces(model, lpips, target[i:i + 8], names, InversionConfig(steps=steps),
+                                               progress=progress).error_maps.transpose(0, 1)
+                                 for i in range(0, len(images), 8)]))
+
+    record = {"images": len(images)}
+    if maps == "predicted":
+        names = [s.name for s in model.generator.spaces]
+        predicted = pooled(predicted_maps(model, target, names, regime))
+        measured = optimized(names)
+        measured_tau = model.tau_for(regime)
+        taus = quantile_matched_taus(measured, predicted, measured_tau)
+        record.update(method=f"per space: quantile of the {PREDICTORS[regime]}'s per-segment errors at the share of "
+                             f"segments whose measured error ({steps}-step optimization) is <= tau",
+                      tau=measured_tau, segments=int(measured.shape[1]),
+                      measured_pass_rates={n: round(float(r), 4) for n, r in zip(names, (measured <= measured_tau).mean(1))})
+        return {n: round(float(t), 5) for n, t in zip(names, taus)}, record
     if regime == "encoder":
-        error_maps = encoder_error_maps(model, lpips, target, ["W+"])[:, 0]
+        errors = pooled(encoder_error_maps(model, lpips, target, ["W+"]))[0]
         how = "the W+ encoder"
     else:
-        error_maps = invert_spaces(model, lpips, target, ["W+"], InversionConfig(steps=steps), progress=progress).error_maps[0]
+        errors = optimized(["W+"])[0]
         how = f"W+ optimization, {steps} steps"
-    errors = np.concatenate([segment_means(error_maps[i][None].cpu().numpy(), segment(im, n_segments))[0]
-                             for i, im in enumerate(images)])
     tau = float(np.quantile(errors, quantile))
-    stats = {"method": f"quantile of per-segment W+ LPIPS errors on validation photos ({how})",
-             "quantile": quantile, "images": len(images), "segments": int(errors.size),
-             "error_quartiles": [round(float(q), 5) for q in np.quantile(errors, [0.25, 0.5, 0.75])]}
-    return tau, stats
+    record.update(method=f"quantile of per-segment W+ LPIPS errors on validation photos ({how})", quantile=quantile,
+                  segments=int(errors.size),
+                  error_quartiles=[round(float(q), 5) for q in np.quantile(errors, [0.25, 0.5, 0.75])])
+    return tau, record
 
 
-def store_tau(model_dir: Path, tau: float, stats: dict, regime: str = "optimization") -> None:
-    """Write the tau of ``regime`` and its calibration record into ``model_dir/config.json`` (atomically)."""
+def store_tau(model_dir: Path, key: str, tau: float | dict[str, float] | None, stats: dict | None = None) -> None:
+    """Write tau (one, or one per space) under ``key`` (a :data:`saminv.models.model_dir.TAU_KEYS` value)
+    and its calibration record under ``<key>_calibration`` into ``model_dir/config.json`` (atomically);
+    ``tau=None`` removes both (a tau that no longer fits its maps)."""
     path = Path(model_dir) / "config.json"
     cfg = json.loads(path.read_text())
-    key = TAU_KEYS[regime]
-    cfg[key] = round(tau, 5)
-    cfg[f"{key}_calibration"] = stats
+    if tau is None:
+        cfg.pop(key, None)
+        cfg.pop(f"{key}_calibration", None)
+    else:
+        cfg[key] = tau if isinstance(tau, dict) else round(tau, 5)
+        cfg[f"{key}_calibration"] = stats
     atomic_write(path, lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))

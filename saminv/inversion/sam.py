@@ -6,7 +6,8 @@
    maps and tau belong to a regime: encoder mode uses the encoders' errors (measured: one encoder pass
    per space; predicted: the ``encoder_predictor``, anchored to the measured error of the W+ encoder's
    reconstruction, which encoder mode renders anyway; ``tau_encoder``), optimize and hybrid modes the
-   optimization's (measured: single-space optimizations, all spaces in one batch; ``predictor``; ``tau``).
+   optimization's (measured: single-space optimizations, all spaces in one batch, cut at ``tau``;
+   predicted: the ``predictor``, cut at ``tau_predicted``, one tau per space on its own error scale).
 2. Segment the image class-agnostically (SLIC superpixels) and average each map over each segment.
 3. Per segment, walk the spaces from least to most editable (F_last ... W+) and assign the segment to
    every space whose mean error is <= tau: the last match (the most editable that passes) wins; if
@@ -36,7 +37,7 @@ from saminv.inversion.optimize import (
     optimize_codes,
     start_codes,
 )
-from saminv.inversion.selection import layer_map
+from saminv.inversion.selection import layer_map, thresholds
 from saminv.metrics import psnr
 from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import PREDICTORS, Model
@@ -142,15 +143,16 @@ class SamResult:
     metrics: dict = field(default_factory=dict)
 
 
-def sam_invert(model: Model, lpips: LPIPS, image: np.ndarray, tau: float | None = None,
+def sam_invert(model: Model, lpips: LPIPS, image: np.ndarray, tau: float | dict[str, float] | None = None,
                names: list[str] | None = None, cfg: InversionConfig | None = None,
                n_segments: int = 48, progress: bool = False, mode: str | None = None,
                maps: str | None = None, evaluate: bool = True) -> SamResult:
     """Invert an R x R x 3 uint8 image with SAM (see the module doc for ``mode`` and ``maps``).
 
     ``names``: the latent spaces to choose from, most editable first (default: the model's spaces).
-    ``mode`` defaults to :func:`default_mode`; ``tau`` to the model's calibrated tau of the mode's regime
-    (:func:`regime_of`); ``maps`` to predicted when the model has that regime's predictor, else measured.
+    ``mode`` defaults to :func:`default_mode`; ``maps`` to predicted when the model has the predictor of the
+    mode's regime (:func:`regime_of`), else measured; ``tau`` to the model's calibrated tau for those maps
+    (:meth:`saminv.models.model_dir.Model.tau_for`; a dict gives one per space name).
     ``evaluate=False`` leaves PSNR and LPIPS of the reconstruction out of the metrics (latency benchmarks).
     Encoder mode with predicted maps anchors them to the measured W+ error of the W+ encoder's
     reconstruction (:func:`saminv.inversion.selection.anchor_to_measured_wplus`; one LPIPS pass).
@@ -175,7 +177,7 @@ def sam_invert(model: Model, lpips: LPIPS, image: np.ndarray, tau: float | None 
         raise InputError("encoder mode inverts in W+ and the F_k spaces, not W")
     if mode != "optimize":
         model.network("encoders")  # fail before any work when the model has none
-    tau = model.tau_for(regime) if tau is None else tau
+    tau = model.tau_for(regime, maps) if tau is None else tau
     target = to_target(image, device)
 
     single, measured_wplus = None, None
@@ -194,7 +196,7 @@ def sam_invert(model: Model, lpips: LPIPS, image: np.ndarray, tau: float | None 
     else:
         single = invert_spaces(model, lpips, target, names, cfg, progress)
         error_maps = single.error_maps[:, 0]
-    labels = layer_map(error_maps.cpu().numpy(), image, tau, n_segments, measured_wplus)
+    labels = layer_map(error_maps.cpu().numpy(), image, thresholds(tau, names), n_segments, measured_wplus)
     masks = space_masks(model, labels, names, device)
 
     if mode == "optimize":

@@ -25,18 +25,26 @@ def segment_means(maps: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return sums / np.maximum(counts, 1)
 
 
-def select_spaces(errors: np.ndarray, tau: float) -> np.ndarray:
-    """The official refinement rule. errors [S, K] per space (most editable first) and segment.
+def select_spaces(errors: np.ndarray, tau: float | np.ndarray) -> np.ndarray:
+    """The official refinement rule. errors [S, K] per space (most editable first) and segment;
+    ``tau``: one threshold, or one per space [S].
 
-    Walks the spaces from least to most editable and assigns every space whose error is <= tau, so
+    Walks the spaces from least to most editable and assigns every space whose error is <= its tau, so
     the most editable passing space wins; a segment where none passes gets the least editable one.
     Returns [K] indices into the spaces.
     """
     s = errors.shape[0]
+    taus = np.broadcast_to(np.asarray(tau, dtype=np.float64), (s,))
     choice = np.full(errors.shape[1], s - 1, dtype=np.int64)
     for i in range(s - 1, -1, -1):
-        choice[errors[i] <= tau] = i
+        choice[errors[i] <= taus[i]] = i
     return choice
+
+
+def thresholds(tau: float | dict[str, float], names: list[str]) -> float | np.ndarray:
+    """A calibrated tau as :func:`select_spaces` takes it: one float as it is, a dict of per-space taus as
+    [S] in the order of ``names``. Raises KeyError for a space the dict lacks."""
+    return np.array([tau[n] for n in names]) if isinstance(tau, dict) else tau
 
 
 def anchor_to_measured_wplus(maps: np.ndarray, measured_wplus: np.ndarray, segments: np.ndarray) -> np.ndarray:
@@ -50,7 +58,7 @@ def anchor_to_measured_wplus(maps: np.ndarray, measured_wplus: np.ndarray, segme
     return np.concatenate([measured_wplus[None], maps[1:] * ratio[None]])
 
 
-def layer_map(error_maps: np.ndarray, image: np.ndarray, tau: float, n_segments: int = 48,
+def layer_map(error_maps: np.ndarray, image: np.ndarray, tau: float | np.ndarray, n_segments: int = 48,
               measured_wplus: np.ndarray | None = None) -> np.ndarray:
     """The layer map: maps [S, R, R] (per space, most editable first) of an R x R x 3 uint8 image ->
     labels [R, R] (index of the chosen space per pixel), by segments and the refinement rule. With

@@ -10,7 +10,9 @@ an entry ``config.json[kind]`` (constructor arguments, sha256, how they were tra
 (the W+ and Δf encoders) and one invertibility predictor S_l per inversion regime (:data:`PREDICTORS`):
 ``predictor`` regresses the errors the optimization leaves in each space, ``encoder_predictor`` the
 errors the encoders leave. Each regime has its own calibrated tau (``tau``, ``tau_encoder``): the
-encoders leave about ten times the optimization's error, so one threshold cannot serve both.
+encoders leave about ten times the optimization's error, so one threshold cannot serve both. The
+optimization regime's predicted maps have their own, one per space (``tau_predicted``, :data:`TAU_KEYS`): the
+predictor regresses the errors of its data set's step budget, not those of the default optimization.
 
 ``--model`` accepts a built-in name (a directory inside ``saminv/builtin``), a model directory or a
 rosinality ``.pt`` (converted once into a cache directory, see :mod:`saminv.models.checkpoints`).
@@ -42,7 +44,13 @@ PRIOR_SLOPE = 5.0  # LeakyReLU(w, 5) undoes the mapping's last LeakyReLU(0.2) be
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
 REGIMES = ("optimization", "encoder")  # who inverts: per-image optimization, or the feed-forward encoders
 PREDICTORS = {"optimization": "predictor", "encoder": "encoder_predictor"}  # network kind of each regime's S_l
-TAU_KEYS = {"optimization": "tau", "encoder": "tau_encoder"}  # config.json key of each regime's tau
+# config.json key of the tau for each (regime, maps): a threshold belongs to the error scale of the maps it
+# cuts. Measured maps: the regime's own errors. The optimization ``predictor`` learned its data set's
+# errors (100 steps for faces64), which exceed the default 200-step optimization's by a factor that differs
+# per space, so its maps get one tau per space (a dict; saminv.inversion.calibration). Encoder mode anchors
+# predicted maps to the measured W+ error: ``tau_encoder``.
+TAU_KEYS = {("optimization", "measured"): "tau", ("optimization", "predicted"): "tau_predicted",
+            ("encoder", "measured"): "tau_encoder", ("encoder", "predicted"): "tau_encoder"}
 
 
 @dataclass
@@ -90,15 +98,18 @@ class Model:
             net.to(device)
         return self
 
-    def tau_for(self, regime: str) -> float:
-        """The calibrated tau of an inversion regime (:data:`REGIMES`). Raises InputError when the
-        encoder regime's tau was never calibrated."""
-        if regime == "optimization":
+    def tau_for(self, regime: str, maps: str = "measured") -> float | dict[str, float]:
+        """The calibrated tau for ``maps`` ("measured" or "predicted") of an inversion regime
+        (:data:`REGIMES`; :data:`TAU_KEYS`): one float, or one per space name (the optimization
+        predictor's maps). Raises InputError when that tau was never calibrated."""
+        key = TAU_KEYS[regime, maps]
+        if key == "tau":
             return self.tau
-        if TAU_KEYS[regime] not in self.meta:
-            raise InputError(f"model {self.name} has no calibrated tau for the {regime} regime "
-                             f"(saminv calibrate --regime {regime})")
-        return float(self.meta[TAU_KEYS[regime]])
+        if key not in self.meta:
+            raise InputError(f"model {self.name} has no calibrated tau for the {regime} regime's {maps} maps "
+                             f"(saminv calibrate --regime {regime} --maps {maps})")
+        value = self.meta[key]
+        return {k: float(v) for k, v in value.items()} if isinstance(value, dict) else float(value)
 
     def has_network(self, kind: str) -> bool:
         """Whether the directory holds trained ``kind`` weights (a :data:`PREDICTORS` kind or "encoders")."""
