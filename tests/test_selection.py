@@ -53,8 +53,8 @@ def test_quantile_matched_taus_pass_as_many_segments_as_the_measured_errors():
     rng = np.random.default_rng(0)
     measured = rng.uniform(0, 0.1, (3, 400))
     predicted = np.stack([2 * measured[0], measured[1] + 0.05, rng.uniform(0, 1, 400)])  # other scales, one unrelated
-    taus = quantile_matched_taus(measured, predicted, tau=0.04)
     rates = (measured <= 0.04).mean(1)
+    taus = quantile_matched_taus(predicted, rates)
     np.testing.assert_allclose((predicted <= taus[:, None]).mean(1), rates, atol=1 / 400)
     np.testing.assert_allclose(taus[:2], [0.08, 0.09], atol=0.002)  # a monotone rescaling maps tau exactly
     np.testing.assert_array_equal(select_spaces(predicted[:2], taus[:2]), select_spaces(measured[:2], 0.04))

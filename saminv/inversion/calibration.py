@@ -42,12 +42,11 @@ from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import PREDICTORS, Model
 
 
-def quantile_matched_taus(measured: np.ndarray, predicted: np.ndarray, tau: float) -> np.ndarray:
-    """Per-space thresholds for predicted errors: measured and predicted per-segment errors [S, K] of the
-    same segments; returns [S] taus such that each space's predicted errors pass (<= tau_s) on the share of
-    segments whose measured errors pass ``tau``."""
-    rates = (measured <= tau).mean(axis=1)
-    return np.array([np.quantile(p, r) for p, r in zip(predicted, rates)])
+def quantile_matched_taus(predicted: np.ndarray, pass_rates: np.ndarray) -> np.ndarray:
+    """Per-space thresholds for predicted per-segment errors [S, K]: returns [S] taus such that each space's
+    predicted errors pass (<= tau_s) on the share ``pass_rates`` [S] of the segments (in [0, 1]; in
+    :func:`calibrate_tau`, the share whose measured errors pass ``tau``)."""
+    return np.array([np.quantile(p, r) for p, r in zip(predicted, pass_rates)])
 
 
 def calibrate_tau(model: Model, lpips: LPIPS, images: list[np.ndarray], steps: int = 200, quantile: float = 0.5,
@@ -81,11 +80,12 @@ def calibrate_tau(model: Model, lpips: LPIPS, images: list[np.ndarray], steps: i
         predicted = pooled(predicted_maps(model, target, names, regime))
         measured = optimized(names)
         measured_tau = model.tau_for(regime)
-        taus = quantile_matched_taus(measured, predicted, measured_tau)
+        pass_rates = (measured <= measured_tau).mean(axis=1)
+        taus = quantile_matched_taus(predicted, pass_rates)
         record.update(method=f"per space: quantile of the {PREDICTORS[regime]}'s per-segment errors at the share of "
                              f"segments whose measured error ({steps}-step optimization) is <= tau",
                       tau=measured_tau, segments=int(measured.shape[1]),
-                      measured_pass_rates={n: round(float(r), 4) for n, r in zip(names, (measured <= measured_tau).mean(1))})
+                      measured_pass_rates={n: round(float(r), 4) for n, r in zip(names, pass_rates)})
         return {n: round(float(t), 5) for n, t in zip(names, taus)}, record
     if regime == "encoder":
         errors = pooled(encoder_error_maps(model, lpips, target, ["W+"]))[0]
