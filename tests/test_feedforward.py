@@ -197,6 +197,8 @@ def test_modes_need_their_networks_and_tau(face, lpips):
     bare.meta.pop("tau_encoder")
     with pytest.raises(InputError, match="no calibrated tau for the encoder regime"):
         bare.tau_for("encoder")
+    with pytest.raises(InputError, match="calibrate --regime encoder --maps measured"):  # encoder mode's predicted maps use tau_encoder
+        bare.tau_for("encoder", "predicted")
     predictor_only = load_model("faces64")
     predictor_only.meta.pop("tau_predicted")  # a predictor whose maps' tau was never calibrated
     with pytest.raises(InputError, match="saminv calibrate --regime optimization --maps predicted"):

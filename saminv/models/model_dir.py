@@ -106,8 +106,9 @@ class Model:
         if key == "tau":
             return self.tau
         if key not in self.meta:
+            calibrated = next(rm for rm, k in TAU_KEYS.items() if k == key)  # the calibration that stores key
             raise InputError(f"model {self.name} has no calibrated tau for the {regime} regime's {maps} maps "
-                             f"(saminv calibrate --regime {regime} --maps {maps})")
+                             f"(saminv calibrate --regime {calibrated[0]} --maps {calibrated[1]})")
         value = self.meta[key]
         return {k: float(v) for k, v in value.items()} if isinstance(value, dict) else float(value)
 
