@@ -1,6 +1,9 @@
 """Feed-forward SAM on the held-out real photos (issue: feed-forward SAM, "Done when").
 
-Six measurements, each on photos no training step saw (:func:`saminv.photos.held_out_photos`):
+Six measurements, each on photos no training step saw (:func:`saminv.photos.held_out_photos`: the
+astronaut, the held-out opencv-doc photos and scikit-image's LFW non-face patches, which are near-uniform
+and easy to invert; the predictor, layer-map and encoder parts also report each group on its own,
+``by_group``: ``photos`` and ``nonface_patches``):
 
 * ``predictor``, ``encoder_predictor``  predicted vs measured invertibility, per regime: per space, the Spearman
   correlation of the per-segment mean errors (segments of all photos pooled; measured = single-space
@@ -24,7 +27,7 @@ Six measurements, each on photos no training step saw (:func:`saminv.photos.held
   the inversion alone, and with the PSNR/LPIPS evaluation of its result.
 
     OMP_NUM_THREADS=2 python benchmarks/feedforward_faces.py [--parts predictor,encoder_predictor,layer_maps,encoder,optimize,latency]
-        [--lfw 9] [--optimize-photos 6] [--out docs/feedforward_bench.json]
+        [--nonface-patches 9] [--optimize-photos 6] [--out docs/feedforward_bench.json]
 
 ``--out`` updates the parts run in an existing JSON file and keeps the others.
 """
@@ -48,13 +51,32 @@ from saminv.inversion.selection import anchor_to_measured_wplus, layer_map, segm
 from saminv.metrics import psnr
 from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import load_model
-from saminv.photos import held_out_photos
+from saminv.photos import NONFACE_PREFIX, held_out_photos
+
+
+def photo_groups(names: list[str]) -> dict[str, list[int]]:
+    """Indices of the held-out photos by group: ``photos`` (astronaut, opencv-doc) and ``nonface_patches``."""
+    patches = [i for i, n in enumerate(names) if n.startswith(NONFACE_PREFIX)]
+    return {"photos": [i for i in range(len(names)) if i not in patches], "nonface_patches": patches}
+
+
+def by_group(rows: list[dict], means) -> dict:
+    """``means`` (a function of a list of per-photo rows) of each non-empty photo group."""
+    return {g: means([rows[i] for i in idx]) for g, idx in photo_groups([r["photo"] for r in rows]).items() if idx}
+
+
+def predictor_scores(measured_seg: list[np.ndarray], predicted_seg: list[np.ndarray], agree: list[int],
+                     pixels: list[int], names: list[str]) -> dict:
+    """Per-space Spearman of pooled per-segment errors ([S, segments] per photo) and pixel agreement."""
+    m, p = np.concatenate(measured_seg, axis=1), np.concatenate(predicted_seg, axis=1)
+    return {"segments": int(m.shape[1]), "layer_map_agreement": sum(agree) / sum(pixels),
+            "spearman": {n: float(spearmanr(m[s], p[s]).statistic) for s, n in enumerate(names)}}
 
 
 def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8) -> dict:
     names = [s.name for s in model.generator.spaces]
     tau = model.tau_for(regime)
-    measured_seg, predicted_seg, anchored_seg, agree, mirror_agree, anchored_agree, pixels = [], [], [], 0, 0, 0, 0
+    measured_seg, predicted_seg, anchored_seg, agree, mirror_agree, anchored_agree, pixels = [], [], [], [], [], [], []
     for start in range(0, len(photos), batch):
         chunk = photos[start:start + batch]
         targets = torch.cat([to_target(img) for _, img in chunk])
@@ -72,25 +94,31 @@ def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8
             predicted_seg.append(segment_means(p, seg))
             measured_labels = layer_map(m, img, tau)
             same = measured_labels == layer_map(p, img, tau)
-            agree += int(same.sum())
-            pixels += same.size
+            agree.append(int(same.sum()))
+            pixels.append(same.size)
             if regime == "encoder":
-                mirror_agree += int((measured_labels == layer_map(mirrored[:, i].numpy(), img, tau)).sum())
+                mirror_agree.append(int((measured_labels == layer_map(mirrored[:, i].numpy(), img, tau)).sum()))
                 anchored = anchor_to_measured_wplus(p, m[0], seg)
                 anchored_seg.append(segment_means(anchored, seg))
-                anchored_agree += int((measured_labels == layer_map(anchored, img, tau)).sum())
+                anchored_agree.append(int((measured_labels == layer_map(anchored, img, tau)).sum()))
             print(f"  {name}: layer maps agree on {same.mean():.1%}")
-    measured_all, predicted_all = np.concatenate(measured_seg, axis=1), np.concatenate(predicted_seg, axis=1)
-    return {"regime": regime, "photos": len(photos), "segments": int(measured_all.shape[1]),
-            "measure_steps": steps if regime == "optimization" else None, "tau": tau,
-            "spearman": {n: float(spearmanr(measured_all[s], predicted_all[s]).statistic) for s, n in enumerate(names)},
-            "layer_map_agreement": agree / pixels,
-            # encoder regime: measured layer map vs the one measured on the mirrored photo (a noise ceiling)
-            "mirrored_measurement_agreement": mirror_agree / pixels if regime == "encoder" else None,
-            "w_plus_anchored": None if regime != "encoder" else {
-                "spearman": {n: float(spearmanr(measured_all[s], np.concatenate(anchored_seg, axis=1)[s]).statistic)
-                             for s, n in enumerate(names)},
-                "layer_map_agreement": anchored_agree / pixels}}
+
+    def scores(idx: list[int]) -> dict:
+        def pick(xs: list) -> list:
+            return [xs[i] for i in idx]
+
+        out = predictor_scores(pick(measured_seg), pick(predicted_seg), pick(agree), pick(pixels), names)
+        if regime == "encoder":
+            # measured layer map vs the one measured on the mirrored photo (a noise ceiling)
+            out["mirrored_measurement_agreement"] = sum(pick(mirror_agree)) / sum(pick(pixels))
+            # the predicted maps anchored to the measured W+ error (what encoder mode uses)
+            anchored = predictor_scores(pick(measured_seg), pick(anchored_seg), pick(anchored_agree), pick(pixels), names)
+            out["w_plus_anchored"] = {k: anchored[k] for k in ("spearman", "layer_map_agreement")}
+        return out
+
+    return {"regime": regime, "photos": len(photos), "measure_steps": steps if regime == "optimization" else None,
+            "tau": tau, **scores(list(range(len(photos)))),
+            "by_group": {g: scores(idx) for g, idx in photo_groups([n for n, _ in photos]).items() if idx}}
 
 
 def layer_maps_part(model, lpips, photos, steps: int, batch: int = 8) -> dict:
@@ -113,8 +141,11 @@ def layer_maps_part(model, lpips, photos, steps: int, batch: int = 8) -> dict:
             print(f"  {name}: W+ share measured {rows[-1]['w_plus_share']['measured']:.0%}, predicted "
                   f"{rows[-1]['w_plus_share']['predicted']:.0%} (at tau {rows[-1]['w_plus_share']['predicted_at_tau']:.0%}); "
                   f"agreement {rows[-1]['agreement']['predicted']:.1%} (at tau {rows[-1]['agreement']['predicted_at_tau']:.1%})")
-    mean = {key: {k: float(np.mean([r[key][k] for r in rows])) for k in rows[0][key]} for key in ("w_plus_share", "agreement")}
-    return {"steps": steps, "tau": tau, "tau_predicted": tau_predicted, "mean": mean, "rows": rows}
+    def means(rows: list[dict]) -> dict:
+        return {key: {k: float(np.mean([r[key][k] for r in rows])) for k in rows[0][key]} for key in ("w_plus_share", "agreement")}
+
+    return {"steps": steps, "tau": tau, "tau_predicted": tau_predicted, "mean": means(rows),
+            "by_group": by_group(rows, means), "rows": rows}
 
 
 def encoder_part(model, lpips, photos) -> dict:
@@ -132,11 +163,17 @@ def encoder_part(model, lpips, photos) -> dict:
                      "single_space_psnr": {n: psnr(x, target).item() for n, x in zip(names, singles)}})
         print(f"  {name}: W+ encoder {rows[-1]['wplus_psnr']:.2f} dB -> encoder SAM {rows[-1]['sam_psnr']:.2f} dB "
               f"(W+ {sam.metrics['space_share']['W+']:.0%}; measured maps {oracle.metrics['psnr']:.2f} dB)")
-    keys = ("wplus_psnr", "wplus_lpips", "sam_psnr", "sam_lpips", "measured_maps_psnr", "measured_maps_lpips")
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
-    mean["w_plus_share"] = float(np.mean([r["space_share"]["W+"] for r in rows]))
-    mean["single_space_psnr"] = {n: float(np.mean([r["single_space_psnr"][n] for r in rows])) for n in rows[0]["single_space_psnr"]}
-    return {"tau": model.tau_for("encoder"), "mean": mean, "gain_db": mean["sam_psnr"] - mean["wplus_psnr"], "rows": rows}
+    def means(rows: list[dict]) -> dict:
+        keys = ("wplus_psnr", "wplus_lpips", "sam_psnr", "sam_lpips", "measured_maps_psnr", "measured_maps_lpips")
+        mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+        mean["w_plus_share"] = float(np.mean([r["space_share"]["W+"] for r in rows]))
+        mean["single_space_psnr"] = {n: float(np.mean([r["single_space_psnr"][n] for r in rows])) for n in rows[0]["single_space_psnr"]}
+        mean["gain_db"] = mean["sam_psnr"] - mean["wplus_psnr"]
+        return mean
+
+    mean = means(rows)
+    return {"tau": model.tau_for("encoder"), "mean": mean, "gain_db": mean["gain_db"], "by_group": by_group(rows, means),
+            "rows": rows}
 
 
 def optimize_part(model, lpips, photos, steps: int, hybrid_steps: list[int]) -> dict:
@@ -181,7 +218,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="faces64")
     ap.add_argument("--parts", default="predictor,encoder_predictor,layer_maps,encoder,optimize,latency")
-    ap.add_argument("--lfw", type=int, default=9, help="Held-out LFW faces to include (of 100).")
+    ap.add_argument("--nonface-patches", type=int, default=9,
+                    help="Held-out LFW non-face patches (scikit-image lfw_subset items 100-199) to include.")
     ap.add_argument("--measure-steps", type=int, default=100, help="Steps of the single-space inversions that measure maps (predictor part: the data set's budget).")
     ap.add_argument("--steps", type=int, default=InversionConfig.steps, help="Optimization steps of optimize mode and of the layer_maps part's measured maps.")
     ap.add_argument("--hybrid-steps", default="25,50,100,200")
@@ -193,7 +231,7 @@ def main() -> None:
     model = load_model(args.model)
     lpips = LPIPS()
     r = model.generator.cfg.resolution
-    photos = [(name, resize_square(img, r)) for name, img in held_out_photos(args.lfw)]
+    photos = [(name, resize_square(img, r)) for name, img in held_out_photos(args.nonface_patches)]
     parts = args.parts.split(",")
     result = {"model": model.name, "photos": [n for n, _ in photos]}
     for regime, key in (("optimization", "predictor"), ("encoder", "encoder_predictor")):

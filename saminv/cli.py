@@ -527,7 +527,7 @@ def calibrate(model: str = typer.Option("faces64", help="A built-in name or mode
 
 @app.command("sample-photo")
 @reports_errors
-def sample_photo(name: str = typer.Argument("astronaut", help="astronaut, messi (needs Debian opencv-doc) or lfw-0 .. lfw-199."),
+def sample_photo(name: str = typer.Argument("astronaut", help="astronaut, messi (needs Debian opencv-doc) or lfw-0 .. lfw-99 (scikit-image's LFW faces)."),
                  out: Path = typer.Option(..., help="PNG file to write (must not exist)."),
                  ) -> None:
     """Write a real face photo that ships with installed packages (for demos and tests)."""

@@ -2,7 +2,8 @@
 
 * ``astronaut``: scikit-image's portrait of Eileen Collins (NASA), 512 x 512 RGB, face crop 220 px;
 * ``lfw-<i>``: scikit-image's ``lfw_subset`` (Labeled Faces in the Wild), 25 x 25 grayscale face crops,
-  i = 0..199 (as RGB; upscaled by the preprocessing);
+  i = 0..99 (as RGB; upscaled by the preprocessing). Its items 100-199 are *not* faces but background
+  patches of the same photos (mostly near-uniform); :func:`held_out_photos` names them ``lfw-nonface-<i>``;
 * ``messi``: Debian ``opencv-doc`` ``messi5.jpg`` face crop, when that package is installed.
 
 :func:`validation_photos` are other real photos of scikit-image (no faces, none of the above), two
@@ -18,7 +19,7 @@ import numpy as np
 from saminv.errors import InputError
 
 OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
-LFW_COUNT = 200
+LFW_FACES = 100  # lfw_subset items 0-99 are faces, 100-199 non-face background patches
 
 
 def _astronaut() -> np.ndarray:
@@ -28,6 +29,7 @@ def _astronaut() -> np.ndarray:
 
 
 def _lfw(i: int) -> np.ndarray:
+    """Item i of scikit-image's lfw_subset (a face for i < LFW_FACES) as 25 x 25 x 3 uint8."""
     from skimage.data import lfw_subset
 
     face = (lfw_subset()[i] * 255).round().astype(np.uint8)
@@ -68,20 +70,22 @@ def validation_photos() -> list[np.ndarray]:
 
 HELD_OUT_OPENCV = {"messi5.jpg": "messi", "butterfly.jpg": "butterfly", "squirrel_cls.jpg": "squirrel",
                    "HappyFish.jpg": "fish", "smarties.png": "smarties", "lena.jpg": "lena"}
-HELD_OUT_LFW = range(100, 200)
+HELD_OUT_LFW = range(LFW_FACES, 2 * LFW_FACES)  # the non-face patches; every LFW face is in the training pool
+NONFACE_PREFIX = "lfw-nonface-"
 
 
-def held_out_photos(lfw: int = len(HELD_OUT_LFW)) -> list[tuple[str, np.ndarray]]:
+def held_out_photos(nonface_patches: int = len(HELD_OUT_LFW)) -> list[tuple[str, np.ndarray]]:
     """The real photos no training step sees, as (name, H x W x 3 uint8): the astronaut and messi face
-    crops, the other held-out opencv-doc photos (when installed; whole images) and the first ``lfw``
-    of LFW faces 100-199. The predictor and encoder evaluations run on these."""
+    crops, the other held-out opencv-doc photos (when installed; whole images) and the first
+    ``nonface_patches`` of lfw_subset's non-face background patches (items 100-199, named
+    ``lfw-nonface-<i>``; 25 x 25, mostly near-uniform). The predictor and encoder evaluations run on these."""
     from PIL import Image
 
     photos = [("astronaut", _astronaut())]
     for file, name in HELD_OUT_OPENCV.items():
         if (OPENCV_DATA / file).is_file():
             photos.append((name, _messi() if name == "messi" else np.asarray(Image.open(OPENCV_DATA / file).convert("RGB"))))
-    return photos + [(f"lfw-{i}", _lfw(i)) for i in list(HELD_OUT_LFW)[:lfw]]
+    return photos + [(f"{NONFACE_PREFIX}{i}", _lfw(i)) for i in list(HELD_OUT_LFW)[:nonface_patches]]
 
 
 def face_photo(name: str) -> np.ndarray:
@@ -90,6 +94,6 @@ def face_photo(name: str) -> np.ndarray:
         return _astronaut()
     if name == "messi":
         return _messi()
-    if name.startswith("lfw-") and name[4:].isdigit() and int(name[4:]) < LFW_COUNT:
+    if name.startswith("lfw-") and name[4:].isdigit() and int(name[4:]) < LFW_FACES:
         return _lfw(int(name[4:]))
-    raise InputError(f"unknown photo {name!r}: astronaut, messi or lfw-0 .. lfw-{LFW_COUNT - 1}")
+    raise InputError(f"unknown photo {name!r}: astronaut, messi or lfw-0 .. lfw-{LFW_FACES - 1}")

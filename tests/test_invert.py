@@ -246,3 +246,6 @@ def test_sample_photo(tmp_path):
     assert invoke("sample-photo", "astronaut", "--out", out).exit_code == 2  # never overwrites
     res = invoke("sample-photo", "nobody", "--out", tmp_path / "x.png")
     assert res.exit_code == 2 and "nobody" in res.output
+    assert invoke("sample-photo", "lfw-99", "--out", tmp_path / "lfw-99.png").exit_code == 0
+    res = invoke("sample-photo", "lfw-100", "--out", tmp_path / "lfw-100.png")  # lfw_subset 100-199: not faces
+    assert res.exit_code == 2 and "lfw-99" in res.output and not (tmp_path / "lfw-100.png").exists()

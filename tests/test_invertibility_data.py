@@ -40,9 +40,9 @@ def test_held_out_photos_never_enter_the_training_pool():
     assert len(pool) > 100
     from skimage.data import astronaut, lfw_subset
 
-    lfw = np.repeat((lfw_subset()[150] * 255).round().astype(np.uint8)[:, :, None], 3, axis=2)
+    nonface_patch = np.repeat((lfw_subset()[150] * 255).round().astype(np.uint8)[:, :, None], 3, axis=2)
     trained_lfw = np.repeat((lfw_subset()[7] * 255).round().astype(np.uint8)[:, :, None], 3, axis=2)
-    for photo in (astronaut(), face_photo("astronaut"), lfw):
+    for photo in (astronaut(), face_photo("astronaut"), nonface_patch):
         assert not any(p.shape == photo.shape and np.array_equal(p, photo) for p in pool)
     assert any(p.shape == trained_lfw.shape and np.array_equal(p, trained_lfw) for p in pool)
 

@@ -20,8 +20,9 @@ Calibrate ``tau`` first; this costs single-space optimizations in every space.
 
 The default validation set is :func:`saminv.photos.validation_photos` (16 crops of real scikit-image
 photos, disjoint from the face photos that tests and benchmarks evaluate on): sharp colour content
-that no generator was trained on. (The 25 px LFW faces are too blurry for this: once upscaled they
-are far easier to invert than a real 64 px photo, which put tau near zero.)
+that no generator was trained on. (A first version used scikit-image's ``lfw_subset`` items 100-115,
+believing them faces; they are near-uniform background patches, almost perfectly invertible, which put
+tau near zero.)
 """
 
 from __future__ import annotations
