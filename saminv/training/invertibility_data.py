@@ -42,7 +42,7 @@ from saminv.inversion.optimize import InversionConfig
 from saminv.inversion.sam import invert_spaces
 from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import Model
-from saminv.photos import HELD_OUT_LFW, HELD_OUT_OPENCV, OPENCV_DATA
+from saminv.photos import HELD_OUT_OPENCV, LFW_FACES, OPENCV_DATA
 
 SOURCES = ("teacher", "generated", "photo", "composite")
 SKIMAGE_TRAIN = ("brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass", "gravel",
@@ -85,7 +85,7 @@ def training_photos(extra: list[np.ndarray] | None = None) -> list[np.ndarray]:
                 photos.append(np.asarray(img.convert("RGB")))
     from skimage.data import lfw_subset
 
-    faces = (lfw_subset()[:HELD_OUT_LFW.start] * 255).round().astype(np.uint8)
+    faces = (lfw_subset()[:LFW_FACES] * 255).round().astype(np.uint8)
     photos += [np.repeat(f[:, :, None], 3, axis=2) for f in faces]
     return photos + list(extra or [])
 
