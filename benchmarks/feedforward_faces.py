@@ -54,29 +54,28 @@ from saminv.models.model_dir import load_model
 from saminv.photos import NONFACE_PREFIX, held_out_photos
 
 
-def photo_groups(names: list[str]) -> dict[str, list[int]]:
-    """Indices of the held-out photos by group: ``photos`` (astronaut, opencv-doc) and ``nonface_patches``."""
-    patches = [i for i, n in enumerate(names) if n.startswith(NONFACE_PREFIX)]
-    return {"photos": [i for i in range(len(names)) if i not in patches], "nonface_patches": patches}
-
-
 def by_group(rows: list[dict], means) -> dict:
-    """``means`` (a function of a list of per-photo rows) of each non-empty photo group."""
-    return {g: means([rows[i] for i in idx]) for g, idx in photo_groups([r["photo"] for r in rows]).items() if idx}
+    """``means`` (a function of a list of per-photo rows, each with its ``photo`` name) of each non-empty
+    group of held-out photos: ``photos`` (astronaut, opencv-doc) and ``nonface_patches``."""
+    patches = [r for r in rows if r["photo"].startswith(NONFACE_PREFIX)]
+    groups = {"photos": [r for r in rows if not r["photo"].startswith(NONFACE_PREFIX)], "nonface_patches": patches}
+    return {g: means(members) for g, members in groups.items() if members}
 
 
-def predictor_scores(measured_seg: list[np.ndarray], predicted_seg: list[np.ndarray], agree: list[int],
-                     pixels: list[int], names: list[str]) -> dict:
-    """Per-space Spearman of pooled per-segment errors ([S, segments] per photo) and pixel agreement."""
-    m, p = np.concatenate(measured_seg, axis=1), np.concatenate(predicted_seg, axis=1)
-    return {"segments": int(m.shape[1]), "layer_map_agreement": sum(agree) / sum(pixels),
+def predictor_scores(rows: list[dict], names: list[str], predicted: str = "predicted") -> dict:
+    """Per-space Spearman of the pooled per-segment errors (each row's ``measured`` and ``predicted``:
+    [S, segments]) and the share of pixels whose layer maps agree (rows' ``<predicted>_agree`` / ``pixels``)."""
+    m = np.concatenate([r["measured"] for r in rows], axis=1)
+    p = np.concatenate([r[predicted] for r in rows], axis=1)
+    return {"segments": int(m.shape[1]),
+            "layer_map_agreement": sum(r[f"{predicted}_agree"] for r in rows) / sum(r["pixels"] for r in rows),
             "spearman": {n: float(spearmanr(m[s], p[s]).statistic) for s, n in enumerate(names)}}
 
 
 def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8) -> dict:
     names = [s.name for s in model.generator.spaces]
     tau = model.tau_for(regime)
-    measured_seg, predicted_seg, anchored_seg, agree, mirror_agree, anchored_agree, pixels = [], [], [], [], [], [], []
+    rows = []
     for start in range(0, len(photos), batch):
         chunk = photos[start:start + batch]
         targets = torch.cat([to_target(img) for _, img in chunk])
@@ -90,35 +89,30 @@ def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8
         for i, (name, img) in enumerate(chunk):
             m, p = measured[:, i].numpy(), predicted[i].numpy()
             seg = segment(img)
-            measured_seg.append(segment_means(m, seg))
-            predicted_seg.append(segment_means(p, seg))
             measured_labels = layer_map(m, img, tau)
             same = measured_labels == layer_map(p, img, tau)
-            agree.append(int(same.sum()))
-            pixels.append(same.size)
+            row = {"photo": name, "measured": segment_means(m, seg), "predicted": segment_means(p, seg),
+                   "predicted_agree": int(same.sum()), "pixels": same.size}
             if regime == "encoder":
-                mirror_agree.append(int((measured_labels == layer_map(mirrored[:, i].numpy(), img, tau)).sum()))
+                row["mirrored_agree"] = int((measured_labels == layer_map(mirrored[:, i].numpy(), img, tau)).sum())
                 anchored = anchor_to_measured_wplus(p, m[0], seg)
-                anchored_seg.append(segment_means(anchored, seg))
-                anchored_agree.append(int((measured_labels == layer_map(anchored, img, tau)).sum()))
+                row["anchored"] = segment_means(anchored, seg)
+                row["anchored_agree"] = int((measured_labels == layer_map(anchored, img, tau)).sum())
+            rows.append(row)
             print(f"  {name}: layer maps agree on {same.mean():.1%}")
 
-    def scores(idx: list[int]) -> dict:
-        def pick(xs: list) -> list:
-            return [xs[i] for i in idx]
-
-        out = predictor_scores(pick(measured_seg), pick(predicted_seg), pick(agree), pick(pixels), names)
+    def scores(rows: list[dict]) -> dict:
+        out = predictor_scores(rows, names)
         if regime == "encoder":
             # measured layer map vs the one measured on the mirrored photo (a noise ceiling)
-            out["mirrored_measurement_agreement"] = sum(pick(mirror_agree)) / sum(pick(pixels))
+            out["mirrored_measurement_agreement"] = sum(r["mirrored_agree"] for r in rows) / sum(r["pixels"] for r in rows)
             # the predicted maps anchored to the measured W+ error (what encoder mode uses)
-            anchored = predictor_scores(pick(measured_seg), pick(anchored_seg), pick(anchored_agree), pick(pixels), names)
+            anchored = predictor_scores(rows, names, "anchored")
             out["w_plus_anchored"] = {k: anchored[k] for k in ("spearman", "layer_map_agreement")}
         return out
 
     return {"regime": regime, "photos": len(photos), "measure_steps": steps if regime == "optimization" else None,
-            "tau": tau, **scores(list(range(len(photos)))),
-            "by_group": {g: scores(idx) for g, idx in photo_groups([n for n, _ in photos]).items() if idx}}
+            "tau": tau, **scores(rows), "by_group": by_group(rows, scores)}
 
 
 def layer_maps_part(model, lpips, photos, steps: int, batch: int = 8) -> dict:
