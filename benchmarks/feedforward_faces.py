@@ -1,9 +1,10 @@
 """Feed-forward SAM on the held-out real photos (issue: feed-forward SAM, "Done when").
 
 Six measurements, each on photos no training step saw (:func:`saminv.photos.held_out_photos`: the
-astronaut, the held-out opencv-doc photos and scikit-image's LFW non-face patches, which are near-uniform
-and easy to invert; the predictor, layer-map and encoder parts also report each group on its own,
-``by_group``: ``photos`` and ``nonface_patches``):
+astronaut, the held-out opencv-doc photos, the 16 registry faces once ``saminv fetch-faces`` has run,
+and scikit-image's LFW non-face patches, which are near-uniform and easy to invert; the predictor,
+layer-map and encoder parts also report each group on its own, ``by_group``: ``photos``, ``faces`` and
+``nonface_patches``):
 
 * ``predictor``, ``encoder_predictor``  predicted vs measured invertibility, per regime: per space, the Spearman
   correlation of the per-segment mean errors (segments of all photos pooled; measured = single-space
@@ -27,7 +28,7 @@ and easy to invert; the predictor, layer-map and encoder parts also report each 
   the inversion alone, and with the PSNR/LPIPS evaluation of its result.
 
     OMP_NUM_THREADS=2 python benchmarks/feedforward_faces.py [--parts predictor,encoder_predictor,layer_maps,encoder,optimize,latency]
-        [--nonface-patches 9] [--optimize-photos 6] [--out docs/feedforward_bench.json]
+        [--groups photos,faces,nonface_patches] [--nonface-patches 9] [--optimize-photos 6] [--out docs/feedforward_bench.json]
 
 ``--out`` updates the parts run in an existing JSON file and keeps the others.
 """
@@ -51,15 +52,17 @@ from saminv.inversion.selection import anchor_to_measured_wplus, layer_map, segm
 from saminv.metrics import psnr
 from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import load_model
-from saminv.photos import NONFACE_PREFIX, held_out_photos
+from saminv.photos import held_out_photos, photo_group
 
 
 def by_group(rows: list[dict], means) -> dict:
     """``means`` (a function of a list of per-photo rows, each with its ``photo`` name) of each non-empty
-    group of held-out photos: ``photos`` (astronaut, opencv-doc) and ``nonface_patches``."""
-    patches = [r for r in rows if r["photo"].startswith(NONFACE_PREFIX)]
-    groups = {"photos": [r for r in rows if not r["photo"].startswith(NONFACE_PREFIX)], "nonface_patches": patches}
-    return {g: means(members) for g, members in groups.items() if members}
+    group of held-out photos (:func:`saminv.photos.photo_group`): ``photos`` (astronaut, opencv-doc),
+    ``faces`` (registry faces) and ``nonface_patches``."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(photo_group(r["photo"]), []).append(r)
+    return {g: means(members) for g, members in groups.items()}
 
 
 def predictor_scores(rows: list[dict], names: list[str], predicted: str = "predicted") -> dict:
@@ -212,6 +215,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="faces64")
     ap.add_argument("--parts", default="predictor,encoder_predictor,layer_maps,encoder,optimize,latency")
+    ap.add_argument("--groups", default="photos,faces,nonface_patches",
+                    help="Held-out groups to measure (saminv.photos.photo_group); faces need `saminv fetch-faces`.")
     ap.add_argument("--nonface-patches", type=int, default=9,
                     help="Held-out LFW non-face patches (scikit-image lfw_subset items 100-199) to include.")
     ap.add_argument("--measure-steps", type=int, default=100, help="Steps of the single-space inversions that measure maps (predictor part: the data set's budget).")
@@ -225,7 +230,9 @@ def main() -> None:
     model = load_model(args.model)
     lpips = LPIPS()
     r = model.generator.cfg.resolution
-    photos = [(name, resize_square(img, r)) for name, img in held_out_photos(args.nonface_patches)]
+    groups = args.groups.split(",")
+    photos = [(name, resize_square(img, r)) for name, img in held_out_photos(args.nonface_patches)
+              if photo_group(name) in groups]
     parts = args.parts.split(",")
     result = {"model": model.name, "photos": [n for n, _ in photos]}
     for regime, key in (("optimization", "predictor"), ("encoder", "encoder_predictor")):

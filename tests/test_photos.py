@@ -1,0 +1,85 @@
+"""The held-out registry faces: pinned archives, checked downloads, crops read out of the archives."""
+
+import hashlib
+import io
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage.data import coffee
+from typer.testing import CliRunner
+
+from saminv.cli import app
+from saminv.errors import InputError
+from saminv.photos import (FACE_ARCHIVES, REGISTRY_FACES, FaceArchive, face_archive_dir, face_photo,
+                           fetch_face_archives, held_out_faces, held_out_photos, photo_group)
+
+
+def test_fetch_keeps_only_archives_whose_sha256_matches(tmp_path):
+    source = tmp_path / "pkg-1.0.tar.gz"
+    with tarfile.open(source, "w:gz") as tar:
+        png = io.BytesIO()
+        Image.fromarray(coffee()).save(png, format="PNG")
+        info = tarfile.TarInfo("pkg-1.0/tests/coffee.png")
+        info.size = png.tell()
+        tar.addfile(info, io.BytesIO(png.getvalue()))
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    out = tmp_path / "faces"
+
+    with pytest.raises(InputError, match="sha256 mismatch"):
+        fetch_face_archives(out, {"pkg": FaceArchive(source.name, source.as_uri(), "0" * 64)})
+    assert list(out.iterdir()) == []  # nothing half-written, no .part left
+    with pytest.raises(InputError, match="cannot download"):
+        fetch_face_archives(out, {"pkg": FaceArchive(source.name, (tmp_path / "missing.tar.gz").as_uri(), digest)})
+
+    good = {"pkg": FaceArchive(source.name, source.as_uri(), digest)}
+    [path] = fetch_face_archives(out, good)
+    assert path.read_bytes() == source.read_bytes()
+    source.unlink()  # present: not downloaded again
+    assert fetch_face_archives(out, good) == [path]
+
+
+def test_held_out_faces_crop_the_boxes_out_of_the_fetched_archives(tmp_path):
+    # A stand-in for face_recognition's sdist: its four members at their real sizes, made from a real photo.
+    archive = FACE_ARCHIVES["face_recognition"].filename
+    members = {name: member for name, (key, member, _) in REGISTRY_FACES.items() if key == "face_recognition"}
+    sizes = {"biden": (970, 2204), "obama": (910, 1137), "obama2": (626, 1200), "obama3": (1434, 2333)}
+    assert set(members) == set(sizes)
+    photos = {name: np.asarray(Image.fromarray(coffee()).resize(sizes[name])) for name in members}
+    with tarfile.open(tmp_path / archive, "w:gz") as tar:
+        for name, member in members.items():
+            data = io.BytesIO()
+            Image.fromarray(photos[name]).save(data, format="PNG")
+            info = tarfile.TarInfo(member)
+            info.size = data.tell()
+            tar.addfile(info, io.BytesIO(data.getvalue()))
+
+    faces = dict(held_out_faces(tmp_path))  # only this archive is there
+    assert list(faces) == ["biden", "obama", "obama2", "obama3"]
+    for name, crop in faces.items():
+        left, top, side = REGISTRY_FACES[name][2]
+        assert crop.shape == (side, side, 3) and photo_group(name) == "faces"
+        assert np.array_equal(crop, photos[name][top:top + side, left:left + side])
+    assert held_out_faces(tmp_path / "empty") == []
+
+
+def test_registry_face_before_fetch_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAMINV_CACHE", str(tmp_path))
+    res = CliRunner().invoke(app, ["sample-photo", "obama", "--out", str(tmp_path / "obama.png")])
+    assert res.exit_code == 2 and "saminv fetch-faces" in res.output and not (tmp_path / "obama.png").exists()
+    assert all(photo_group(name) != "faces" for name, _ in held_out_photos(nonface_patches=1))
+
+
+@pytest.mark.skipif(not all((face_archive_dir() / a.filename).is_file() for a in FACE_ARCHIVES.values()),
+                    reason="held-out faces not fetched (saminv fetch-faces)")
+def test_fetched_registry_faces():
+    for archive in FACE_ARCHIVES.values():
+        assert hashlib.sha256((face_archive_dir() / archive.filename).read_bytes()).hexdigest() == archive.sha256
+    faces = held_out_faces()
+    assert [n for n, _ in faces] == list(REGISTRY_FACES)
+    for name, crop in faces:
+        assert crop.shape[0] == crop.shape[1] >= 112 and crop.shape[2] == 3 and crop.std() > 20
+        assert np.array_equal(face_photo(name), crop)
+    groups = [photo_group(n) for n, _ in held_out_photos(nonface_patches=1)]
+    assert groups.count("faces") == len(REGISTRY_FACES) and groups[-1] == "nonface_patches"
