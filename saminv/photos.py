@@ -142,12 +142,10 @@ def fetch_face_archives(directory: Path | None = None, archives: dict[str, FaceA
     checksum mismatch.
     """
     directory = directory or face_archive_dir()
-    directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for archive in archives.values():
         path = directory / archive.filename
         if not path.is_file():
-            tmp = path.with_name(path.name + ".part")
             try:
                 with urllib.request.urlopen(archive.url, timeout=60) as response:
                     data = response.read()
@@ -155,8 +153,15 @@ def fetch_face_archives(directory: Path | None = None, archives: dict[str, FaceA
                 raise InputError(f"cannot download {archive.url}: {err}") from None
             if hashlib.sha256(data).hexdigest() != archive.sha256:
                 raise InputError(f"{archive.filename}: sha256 mismatch; not saved")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            tmp = path.with_name(path.name + ".part")
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            except OSError as err:
+                if tmp.exists():
+                    tmp.unlink()
+                raise InputError(f"cannot write {path}: {err.strerror or err}") from None
         paths.append(path)
     return paths
 
@@ -166,7 +171,10 @@ def _archive_member(path: Path, member: str) -> bytes:
         with zipfile.ZipFile(path) as whl:
             return whl.read(member)
     with tarfile.open(path) as tar:
-        return tar.extractfile(member).read()
+        file = tar.extractfile(member)  # KeyError when absent
+        if file is None:
+            raise KeyError(f"{member} is not a file")
+        return file.read()
 
 
 def _registry_face(name: str, directory: Path | None = None) -> np.ndarray:
@@ -176,7 +184,10 @@ def _registry_face(name: str, directory: Path | None = None) -> np.ndarray:
     path = (directory or face_archive_dir()) / FACE_ARCHIVES[archive].filename
     if not path.is_file():
         raise InputError(f"photo {name!r} needs the held-out face archives: run `saminv fetch-faces`")
-    img = Image.open(io.BytesIO(_archive_member(path, member))).convert("RGB")
+    try:
+        img = Image.open(io.BytesIO(_archive_member(path, member))).convert("RGB")
+    except (OSError, KeyError, tarfile.TarError, zipfile.BadZipFile) as err:
+        raise InputError(f"{path}: cannot read {member} ({err}); delete the file and run `saminv fetch-faces`") from None
     return np.asarray(img)[top:top + side, left:left + side]
 
 

@@ -29,11 +29,13 @@ def test_fetch_keeps_only_archives_whose_sha256_matches(tmp_path):
 
     with pytest.raises(InputError, match="sha256 mismatch"):
         fetch_face_archives(out, {"pkg": FaceArchive(source.name, source.as_uri(), "0" * 64)})
-    assert list(out.iterdir()) == []  # nothing half-written, no .part left
+    assert not list(out.glob("*"))  # nothing half-written, no .part left
     with pytest.raises(InputError, match="cannot download"):
         fetch_face_archives(out, {"pkg": FaceArchive(source.name, (tmp_path / "missing.tar.gz").as_uri(), digest)})
 
     good = {"pkg": FaceArchive(source.name, source.as_uri(), digest)}
+    with pytest.raises(InputError, match="cannot write"):  # the directory's place is taken by a file
+        fetch_face_archives(source / "faces", good)
     [path] = fetch_face_archives(out, good)
     assert path.read_bytes() == source.read_bytes()
     source.unlink()  # present: not downloaded again
@@ -62,6 +64,9 @@ def test_held_out_faces_crop_the_boxes_out_of_the_fetched_archives(tmp_path):
         assert crop.shape == (side, side, 3) and photo_group(name) == "faces"
         assert np.array_equal(crop, photos[name][top:top + side, left:left + side])
     assert held_out_faces(tmp_path / "empty") == []
+    (tmp_path / archive).write_bytes(b"not an archive")
+    with pytest.raises(InputError, match="delete the file"):
+        held_out_faces(tmp_path)
 
 
 def test_registry_face_before_fetch_is_one_clear_line(tmp_path, monkeypatch):
