@@ -1,4 +1,4 @@
-"""Real face photos that ship with installed packages (no downloads), cropped to the face.
+"""Real face photos, cropped to the face: shipped with installed packages, or (the registry faces) fetched once.
 
 * ``astronaut``: scikit-image's portrait of Eileen Collins (NASA), 512 x 512 RGB, face crop 220 px;
 * ``lfw-<i>``: scikit-image's ``lfw_subset`` (Labeled Faces in the Wild), 25 x 25 grayscale face crops,
@@ -212,20 +212,20 @@ def photo_group(name: str) -> str:
     return "nonface_patches" if name.startswith(NONFACE_PREFIX) else "photos"
 
 
-def held_out_photos(nonface_patches: int = len(HELD_OUT_LFW), faces: bool = True) -> list[tuple[str, np.ndarray]]:
+def held_out_photos(nonface_patches: int = len(HELD_OUT_LFW)) -> list[tuple[str, np.ndarray]]:
     """The real photos no training step sees, as (name, H x W x 3 uint8), in three groups
     (:func:`photo_group`): ``photos``, the astronaut and messi face crops and the other held-out opencv-doc
-    photos (when installed; whole images); ``faces``, the fetched registry faces (:func:`held_out_faces`, when
-    ``faces``); and ``nonface_patches``, the first ``nonface_patches`` of lfw_subset's non-face background
-    patches (items 100-199, named ``lfw-nonface-<i>``; 25 x 25, mostly near-uniform). The predictor and
-    encoder evaluations run on these."""
+    photos (when installed; whole images); ``faces``, the fetched registry faces (:func:`held_out_faces`);
+    and ``nonface_patches``, the first ``nonface_patches`` of lfw_subset's non-face background patches
+    (items 100-199, named ``lfw-nonface-<i>``; 25 x 25, mostly near-uniform). The predictor and encoder
+    evaluations run on these."""
     from PIL import Image
 
     photos = [("astronaut", _astronaut())]
     for file, name in HELD_OUT_OPENCV.items():
         if (OPENCV_DATA / file).is_file():
             photos.append((name, _messi() if name == "messi" else np.asarray(Image.open(OPENCV_DATA / file).convert("RGB"))))
-    photos += held_out_faces() if faces else []
+    photos += held_out_faces()
     return photos + [(f"{NONFACE_PREFIX}{i}", _lfw(i)) for i in list(HELD_OUT_LFW)[:nonface_patches]]
 
 
