@@ -14,9 +14,10 @@ layer-map and encoder parts also report each group on its own, ``by_group``: ``p
   layer map agrees with the one measured on the mirrored photo (the measurement's own stability), and
   the scores of the predicted maps anchored to the measured W+ error (what encoder mode uses);
 * ``layer_maps`` the optimization regime's layer maps as ``saminv invert --maps measured|predicted`` makes them:
-  measured maps after the default optimization (``--steps``) cut at ``tau``, predicted maps cut at
-  ``tau_predicted`` (one per space, their own error scale) and, for comparison, at ``tau``: pixel
-  agreement, W+ share;
+  measured maps after the default optimization (``--steps``) cut at ``tau``; optimize mode's predicted maps,
+  anchored to the measured W+ map and cut at ``anchored_taus``; hybrid mode's predicted maps alone, cut at
+  ``tau_predicted`` (one per space, their own error scale): pixel agreement with the measured layer map,
+  W+ share;
 * ``encoder``    encoder SAM (encoder-regime predicted masks, W+ and Δf encoders) vs the W+ encoder alone:
   PSNR, LPIPS; encoder SAM with measured encoder maps (what a perfect predictor would give); and the PSNR
   of each single-space encoder inversion (W+, or w+ plus Δf_k everywhere; paper Figure 3's ordering);
@@ -48,7 +49,14 @@ from saminv.imageio import resize_square
 from saminv.inversion.feedforward import encode_each_space, encoder_error_maps, predicted_maps
 from saminv.inversion.optimize import InversionConfig
 from saminv.inversion.sam import invert_spaces, sam_invert, to_target
-from saminv.inversion.selection import anchor_to_measured_wplus, layer_map, segment, segment_means, thresholds
+from saminv.inversion.selection import (
+    anchor_to_measured_wplus,
+    anchored_taus,
+    layer_map,
+    segment,
+    segment_means,
+    thresholds,
+)
 from saminv.metrics import psnr
 from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import load_model
@@ -122,6 +130,7 @@ def layer_maps_part(model, lpips, photos, steps: int, batch: int = 8) -> dict:
     names = [s.name for s in model.generator.spaces]
     tau, tau_predicted = model.tau_for("optimization"), model.tau_for("optimization", "predicted")
     predicted_taus = thresholds(tau_predicted, names)
+    anchored = thresholds(anchored_taus(tau, tau_predicted), names)
     rows = []
     for start in range(0, len(photos), batch):
         chunk = photos[start:start + batch]
@@ -129,19 +138,21 @@ def layer_maps_part(model, lpips, photos, steps: int, batch: int = 8) -> dict:
         measured = invert_spaces(model, lpips, targets, names, InversionConfig(steps=steps), progress=True).error_maps
         predicted = predicted_maps(model, targets, names)
         for i, (name, img) in enumerate(chunk):
-            labels = {"measured": layer_map(measured[:, i].numpy(), img, tau),
-                      "predicted": layer_map(predicted[i].numpy(), img, predicted_taus),
-                      "predicted_at_tau": layer_map(predicted[i].numpy(), img, tau)}
+            m = measured[:, i].numpy()
+            labels = {"measured": layer_map(m, img, tau),
+                      "anchored": layer_map(predicted[i].numpy(), img, anchored, measured_wplus=m[0]),
+                      "predicted": layer_map(predicted[i].numpy(), img, predicted_taus)}
             rows.append({"photo": name, "w_plus_share": {k: float((v == 0).mean()) for k, v in labels.items()},
                          "agreement": {k: float((labels[k] == labels["measured"]).mean())
-                                       for k in ("predicted", "predicted_at_tau")}})
-            print(f"  {name}: W+ share measured {rows[-1]['w_plus_share']['measured']:.0%}, predicted "
-                  f"{rows[-1]['w_plus_share']['predicted']:.0%} (at tau {rows[-1]['w_plus_share']['predicted_at_tau']:.0%}); "
-                  f"agreement {rows[-1]['agreement']['predicted']:.1%} (at tau {rows[-1]['agreement']['predicted_at_tau']:.1%})")
+                                       for k in ("anchored", "predicted")}})
+            share, agree = rows[-1]["w_plus_share"], rows[-1]["agreement"]
+            print(f"  {name}: W+ share measured {share['measured']:.0%}, predicted {share['predicted']:.0%}; agreement "
+                  f"anchored (optimize mode) {agree['anchored']:.1%}, predicted alone (hybrid mode) {agree['predicted']:.1%}")
     def means(rows: list[dict]) -> dict:
         return {key: {k: float(np.mean([r[key][k] for r in rows])) for k in rows[0][key]} for key in ("w_plus_share", "agreement")}
 
-    return {"steps": steps, "tau": tau, "tau_predicted": tau_predicted, "mean": means(rows),
+    return {"steps": steps, "tau": tau, "tau_predicted": tau_predicted, "anchored_taus": anchored_taus(tau, tau_predicted),
+            "mean": means(rows),
             "by_group": by_group(rows, means), "rows": rows}
 
 
@@ -241,7 +252,7 @@ def main() -> None:
             result[key] = predictor_part(model, lpips, photos, args.measure_steps, regime)
             print(json.dumps(result[key], indent=1))
     if "layer_maps" in parts:
-        print("layer maps of the optimization regime: measured (tau) vs predicted (tau_predicted)")
+        print("layer maps of the optimization regime: measured (tau) vs predicted (anchored; alone at tau_predicted)")
         result["layer_maps"] = layer_maps_part(model, lpips, photos, args.steps)
         print(json.dumps(result["layer_maps"]["mean"], indent=1))
     if "encoder" in parts:

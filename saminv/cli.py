@@ -144,7 +144,8 @@ def invert(paths: list[Path] = typer.Argument(..., help="Images or directories o
            model: str = typer.Option("faces64", help=MODEL_HELP),
            out: Path = typer.Option(Path("saminv-out"), help="Output root; one folder per image, never overwritten."),
            tau: Optional[float] = typer.Option(None, help="Invertibility threshold (default: the model's calibrated tau for "
-                                                         "the maps: tau, tau_predicted with the optimization predictor's maps, "
+                                                         "the maps: tau in optimize mode, whose predicted maps are anchored to "
+                                                         "its W+ inversion; tau_predicted in hybrid mode with predicted maps; "
                                                          "tau_encoder in encoder mode and with --bundle)."),
            steps: int = typer.Option(200, min=1, help="Optimization steps, per stage (single-space and SAM)."),
            spaces: Optional[str] = typer.Option(None, help="Comma-separated latent spaces to choose from (default: all of the model's)."),

@@ -18,7 +18,7 @@ from saminv.imageio import resize_square
 from saminv.inversion.feedforward import encode, encode_wplus, encoder_error_maps, predicted_maps, wplus_features
 from saminv.inversion.optimize import InversionConfig, ReconstructionLoss
 from saminv.inversion.sam import sam_invert, space_masks, to_target
-from saminv.inversion.selection import layer_map
+from saminv.inversion.selection import anchored_taus, layer_map
 from saminv.metrics import psnr
 from saminv.models.encoders import SamEncoders
 from saminv.models.lpips import LPIPS
@@ -149,15 +149,23 @@ def test_every_mode_on_a_real_photo(lpips, face):
     assert hybrid.metrics["psnr"] > encoder.metrics["psnr"] + 0.5  # optimization refines the encoder's codes
     predicted = sam_invert(model, lpips, face, mode="optimize", cfg=cfg)
     measured = sam_invert(model, lpips, face, mode="optimize", maps="measured", cfg=cfg)
-    assert predicted.single is None and measured.single is not None
-    # each set of maps is cut at the tau of its own error scale
-    assert predicted.metrics["tau"] == hybrid.metrics["tau"] == model.tau_for("optimization", "predicted") != model.tau
-    assert measured.metrics["tau"] == model.tau
+    assert predicted.single.names == ["W+"] and measured.single.names == predicted.names  # no per-space inversions
+    # each set of maps is cut at the tau of its own error scale: optimize mode anchors the predicted maps to
+    # the measured error of its W+ inversion (W+ at tau, each F_k derived from tau_predicted); hybrid mode
+    # cuts them alone at tau_predicted
+    tau_predicted = model.tau_for("optimization", "predicted")
+    anchored = anchored_taus(model.tau, tau_predicted)
+    assert predicted.metrics["tau"] == anchored and anchored["W+"] == model.tau != tau_predicted["W+"]
+    assert hybrid.metrics["tau"] == tau_predicted and measured.metrics["tau"] == model.tau
+    assert all(anchored[n] / tau_predicted[n] == pytest.approx(model.tau / tau_predicted["W+"]) for n in predicted.names)
     with torch.no_grad():
         optimization_maps = predicted_maps(model, target, predicted.names)[0].numpy()
-    per_space = model.meta["tau_predicted"]  # one per space, on the predictor's own error scale
-    assert set(per_space) == set(predicted.names)
-    assert (predicted.labels == layer_map(optimization_maps, face, [per_space[n] for n in predicted.names])).all()
+    measured_wplus = predicted.single.error_maps[0, 0].numpy()
+    assert (predicted.labels == layer_map(optimization_maps, face, [anchored[n] for n in predicted.names],
+                                          measured_wplus=measured_wplus)).all()
+    # W+ is decided on the measured W+ error, as with measured maps (the same 20-step W+ inversion)
+    assert ((predicted.labels == 0) == (measured.labels == 0)).mean() > 0.99
+    assert (hybrid.labels == layer_map(optimization_maps, face, [tau_predicted[n] for n in predicted.names])).all()
     wplus = measured.single.images[0]  # [1, 3, R, R]: a 20-step W+ inversion, where a joint optimization starts
     assert predicted.metrics["psnr"] > psnr(wplus, target).item() + 0.5 and predicted.metrics["lpips"] < lpips(wplus, target).item()
     assert predicted.metrics["seconds"] < measured.metrics["seconds"]  # no per-space inversions
@@ -203,7 +211,11 @@ def test_modes_need_their_networks_and_tau(face, lpips):
     predictor_only.meta.pop("tau_predicted")  # a predictor whose maps' tau was never calibrated
     with pytest.raises(InputError, match="saminv calibrate --regime optimization --maps predicted"):
         sam_invert(predictor_only, lpips, face, mode="optimize", cfg=InversionConfig(steps=1))
-    assert sam_invert(predictor_only, lpips, face, mode="optimize", tau=0.05, cfg=InversionConfig(steps=1)).metrics["tau"] == 0.05
+    with pytest.raises(InputError, match="saminv calibrate --regime optimization --maps predicted"):
+        sam_invert(predictor_only, lpips, face, mode="optimize", tau=0.05, cfg=InversionConfig(steps=1))  # F_k taus need it
+    per_space = {s.name: 0.05 for s in predictor_only.generator.spaces}  # one tau per space needs no calibration
+    assert sam_invert(predictor_only, lpips, face, mode="optimize", tau=per_space,
+                      cfg=InversionConfig(steps=1)).metrics["tau"] == per_space
     with pytest.raises(InputError, match="not W"):
         sam_invert(load_model("faces64"), lpips, face, mode="encoder", names=["W", "F8"])
 

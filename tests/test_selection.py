@@ -10,7 +10,7 @@ from skimage.data import astronaut
 from saminv.inversion.optimize import projector_lr
 from saminv.inversion.sam import space_index, space_masks
 from saminv.inversion.calibration import quantile_matched_taus
-from saminv.inversion.selection import anchor_to_measured_wplus, segment, segment_means, select_spaces, thresholds
+from saminv.inversion.selection import anchor_to_measured_wplus, anchored_taus, segment, segment_means, select_spaces, thresholds
 
 
 def test_rule_takes_the_most_editable_space_under_tau():
@@ -74,6 +74,23 @@ def test_anchoring_uses_the_measured_w_plus_and_scales_each_segment_by_its_error
     np.testing.assert_array_equal(anchored[0], measured)
     ratio0 = (0.15 + 1e-4) / (0.1 + 1e-4)  # the W+ encoder did 1.5x worse than predicted on segment 0
     np.testing.assert_allclose(anchored[1], [[0.02 * ratio0, 0.04 * ratio0, 0.06], [0.02 * ratio0, 0.04 * ratio0, 0.06]])
+
+
+def test_anchored_taus_agree_with_the_predicted_taus_where_the_w_plus_ratio_is_typical():
+    """With anchored_taus, a segment whose measured W+ error is its predicted one times the typical ratio
+    tau / tau_predicted["W+"] keeps the choice of its predicted maps at tau_predicted; a segment whose W+
+    inversion did worse needs a later space, one that did better stays in W+."""
+    tau_predicted = {"W+": 0.06, "F2": 0.045, "F4": 0.03}
+    taus = anchored_taus(0.03, tau_predicted)
+    assert taus == pytest.approx({"W+": 0.03, "F2": 0.0225, "F4": 0.015})
+    names = list(tau_predicted)
+    segments = np.array([[0, 0, 1, 1, 2, 2]])
+    predicted = np.stack([np.full((1, 6), v) for v in (0.08, 0.04, 0.02)])  # per space: W+ fails, F2 passes
+    measured = np.array([[0.04, 0.04, 0.08, 0.08, 0.02, 0.02]])  # 0.5x predicted (typical), 1x, 0.25x
+    unanchored = select_spaces(segment_means(predicted, segments), thresholds(tau_predicted, names))
+    np.testing.assert_array_equal(unanchored, [1, 1, 1])
+    anchored = segment_means(anchor_to_measured_wplus(predicted, measured, segments), segments)
+    np.testing.assert_array_equal(select_spaces(anchored, thresholds(taus, names)), [1, 2, 0])
 
 
 def test_slic_on_a_real_photo():

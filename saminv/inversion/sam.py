@@ -7,7 +7,9 @@
    per space; predicted: the ``encoder_predictor``, anchored to the measured error of the W+ encoder's
    reconstruction, which encoder mode renders anyway; ``tau_encoder``), optimize and hybrid modes the
    optimization's (measured: single-space optimizations, all spaces in one batch, cut at ``tau``;
-   predicted: the ``predictor``, cut at ``tau_predicted``, one tau per space on its own error scale).
+   predicted: the ``predictor``; optimize mode anchors its maps to the measured error of the W+ inversion
+   that starts its joint optimization and cuts them at :func:`saminv.inversion.selection.anchored_taus`,
+   hybrid mode cuts them at ``tau_predicted``, one tau per space on its own error scale).
 2. Segment the image class-agnostically (SLIC superpixels) and average each map over each segment.
 3. Per segment, walk the spaces from least to most editable (F_last ... W+) and assign the segment to
    every space whose mean error is <= tau: the last match (the most editable that passes) wins; if
@@ -37,7 +39,7 @@ from saminv.inversion.optimize import (
     optimize_codes,
     start_codes,
 )
-from saminv.inversion.selection import layer_map, thresholds
+from saminv.inversion.selection import anchored_taus, layer_map, thresholds
 from saminv.metrics import psnr
 from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import PREDICTORS, Model
@@ -154,8 +156,10 @@ def sam_invert(model: Model, lpips: LPIPS, image: np.ndarray, tau: float | dict[
     mode's regime (:func:`regime_of`), else measured; ``tau`` to the model's calibrated tau for those maps
     (:meth:`saminv.models.model_dir.Model.tau_for`; a dict gives one per space name).
     ``evaluate=False`` leaves PSNR and LPIPS of the reconstruction out of the metrics (latency benchmarks).
-    Encoder mode with predicted maps anchors them to the measured W+ error of the W+ encoder's
-    reconstruction (:func:`saminv.inversion.selection.anchor_to_measured_wplus`; one LPIPS pass).
+    Predicted maps are anchored to a measured W+ error (:func:`saminv.inversion.selection.anchor_to_measured_wplus`)
+    when ``names`` starts with W+: in encoder mode that of the W+ encoder's reconstruction (one LPIPS pass), in
+    optimize mode that of the W+ optimization its joint stage starts from (made anyway), with thresholds from
+    ``tau`` (default the model's measured-map ``tau``) by :func:`saminv.inversion.selection.anchored_taus`.
     Raises KeyError on unknown spaces, InputError when the mode or maps need a network or a tau the
     model lacks, or when encoder mode is asked for the W space (the encoders give w+).
     """
@@ -177,24 +181,34 @@ def sam_invert(model: Model, lpips: LPIPS, image: np.ndarray, tau: float | dict[
         raise InputError("encoder mode inverts in W+ and the F_k spaces, not W")
     if mode != "optimize":
         model.network("encoders")  # fail before any work when the model has none
-    tau = model.tau_for(regime, maps) if tau is None else tau
+    # Predicted maps are anchored to a measured W+ error where the mode makes a W+ inversion anyway: encoder
+    # mode's W+ encoder pass; optimize mode's W+ optimization, which starts its joint optimization.
+    anchor = maps == "predicted" and mode != "hybrid" and names[0] == "W+"
+    if anchor and mode == "optimize":  # W+ measured, F_k predicted: one tau per space from tau and tau_predicted
+        tau = tau if isinstance(tau, dict) else anchored_taus(model.tau if tau is None else tau,
+                                                              model.tau_for(regime, maps))
+    elif tau is None:
+        tau = model.tau_for(regime, maps)
     target = to_target(image, device)
 
     single, measured_wplus = None, None
-    anchor = maps == "predicted" and mode == "encoder" and names[0] == "W+"
     with torch.no_grad():  # the target's LPIPS features, computed once for the anchoring and the evaluation
-        target_features = lpips.target_features(target) if anchor or evaluate else None
+        target_features = lpips.target_features(target) if (anchor and mode == "encoder") or evaluate else None
     first = encode_wplus(model, target) if mode != "optimize" else None  # the W+ encoder's pass, made once
+    if mode == "optimize" and (maps == "measured" or anchor):  # every space, or the W+ inversion alone
+        single = invert_spaces(model, lpips, target, names if maps == "measured" else ["W+"], cfg, progress)
     if maps == "predicted":
         error_maps = predicted_maps(model, target, names, regime)[0]
         if anchor:
-            with torch.no_grad():
-                measured_wplus = lpips.distance_to(first.reconstruction, target_features, spatial=True)[0, 0]
-                measured_wplus = measured_wplus.cpu().numpy()
+            if mode == "encoder":
+                with torch.no_grad():
+                    wplus_error = lpips.distance_to(first.reconstruction, target_features, spatial=True)[0, 0]
+            else:
+                wplus_error = single.error_maps[0, 0]
+            measured_wplus = wplus_error.cpu().numpy()
     elif regime == "encoder":
         error_maps = encoder_error_maps(model, lpips, target, names, first=first)[0]
     else:
-        single = invert_spaces(model, lpips, target, names, cfg, progress)
         error_maps = single.error_maps[:, 0]
     labels = layer_map(error_maps.cpu().numpy(), image, thresholds(tau, names), n_segments, measured_wplus)
     masks = space_masks(model, labels, names, device)
@@ -202,7 +216,7 @@ def sam_invert(model: Model, lpips: LPIPS, image: np.ndarray, tau: float | dict[
     if mode == "optimize":
         start = start_codes(model, 1, masks)
         if "W+" in names:  # embed, then refine: start the joint optimization from a W+ inversion
-            wplus = single.codes.wplus[names.index("W+")] if single else \
+            wplus = single.codes.wplus[single.names.index("W+")] if single else \
                 invert_spaces(model, lpips, target, ["W+"], cfg, progress).codes.wplus[0]
             start.wplus = wplus[None].clone()
     else:
@@ -223,5 +237,5 @@ def sam_invert(model: Model, lpips: LPIPS, image: np.ndarray, tau: float | dict[
         }
         if single is not None:
             metrics["single_space"] = {n: {"psnr": psnr(single.images[i], target).item(),
-                                           "lpips": float(single.error_maps[i].mean())} for i, n in enumerate(names)}
+                                           "lpips": float(single.error_maps[i].mean())} for i, n in enumerate(single.names)}
     return SamResult(recon[0], codes, labels, names, single, metrics)

@@ -58,6 +58,16 @@ def anchor_to_measured_wplus(maps: np.ndarray, measured_wplus: np.ndarray, segme
     return np.concatenate([measured_wplus[None], maps[1:] * ratio[None]])
 
 
+def anchored_taus(tau: float, tau_predicted: dict[str, float]) -> dict[str, float]:
+    """Per-space thresholds for the optimization predictor's maps anchored to a measured W+ map
+    (:func:`anchor_to_measured_wplus`): W+ keeps ``tau`` (its map is now measured, in ``tau``'s units) and
+    each F_k gets tau_predicted[F_k] * tau / tau_predicted["W+"]. ``tau_predicted`` (quantile-matched per
+    space on validation photos) carries each space's predicted-to-measured error scale; anchoring divides a
+    segment's F_k errors by its predicted-to-measured W+ ratio, so the F_k taus take the same division by the
+    validation photos' typical ratio (tau_predicted["W+"] / tau). Raises KeyError without a W+ entry."""
+    return {name: tau * t / tau_predicted["W+"] for name, t in tau_predicted.items()}
+
+
 def layer_map(error_maps: np.ndarray, image: np.ndarray, tau: float | np.ndarray, n_segments: int = 48,
               measured_wplus: np.ndarray | None = None) -> np.ndarray:
     """The layer map: maps [S, R, R] (per space, most editable first) of an R x R x 3 uint8 image ->

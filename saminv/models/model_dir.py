@@ -48,7 +48,8 @@ PREDICTORS = {"optimization": "predictor", "encoder": "encoder_predictor"}  # ne
 # cuts. Measured maps: the regime's own errors. The optimization ``predictor`` learned its data set's
 # errors (100 steps for faces64), which exceed the default 200-step optimization's by a factor that differs
 # per space, so its maps get one tau per space (a dict; saminv.inversion.calibration). Encoder mode anchors
-# predicted maps to the measured W+ error: ``tau_encoder``.
+# predicted maps to the measured W+ error: ``tau_encoder``; optimize mode anchors them too and derives its
+# per-space taus from ``tau`` and ``tau_predicted`` (saminv.inversion.selection.anchored_taus).
 TAU_KEYS = {("optimization", "measured"): "tau", ("optimization", "predicted"): "tau_predicted",
             ("encoder", "measured"): "tau_encoder", ("encoder", "predicted"): "tau_encoder"}
 
