@@ -32,7 +32,8 @@ def invert(image: str | Path | Image.Image | np.ndarray, model: ModelLike = "fac
     "hybrid" (encoder start, then ``steps`` of joint optimization); default: hybrid when the model has
     trained encoders, else optimize. ``maps``: "predicted" or "measured" invertibility maps of the mode's
     regime (default: predicted when the model has that regime's predictor); ``tau``: one threshold or one
-    per space name, default the model's calibrated tau for those maps (``Model.tau_for``). Returns a SamResult: ``image`` [3, R, R] in [-1, 1],
+    per space name, default the model's calibrated tau for those maps (``Model.tau_for``; optimize mode anchors
+    its predicted maps to its W+ inversion and cuts them at ``saminv.inversion.selection.anchored_taus`` of ``tau``). Returns a SamResult: ``image`` [3, R, R] in [-1, 1],
     ``codes``, ``labels`` [R, R], ``names``, ``metrics``. Raises InputError for unreadable images or a
     mode the model lacks networks for."""
     m = _model(model)
