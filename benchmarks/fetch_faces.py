@@ -46,12 +46,11 @@ def fetch_face_archives(directory: Path | None = None, archives: dict[str, FaceA
                 tmp.write_bytes(data)
                 os.replace(tmp, path)
             except OSError as err:
-                if tmp.exists():
+                if tmp.exists():  # (unlink(missing_ok=True) raises when the parent is not a directory)
                     tmp.unlink()
                 raise InputError(f"cannot write {path}: {err.strerror or err}") from None
         paths.append(path)
     return paths
-
 
 
 def main() -> None:
