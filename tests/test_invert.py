@@ -233,10 +233,25 @@ def test_calibrate_stores_tau_in_the_model_directory(tmp_path, model):
     assert res.exit_code == 0, res.output
     cfg = json.loads((model_dir / "config.json").read_text())
     record = cfg["tau_calibration"]
-    assert record["images"] == 2 and record["quantile"] == 0.25
+    assert record["images"] == 2 and record["quantile"] == 0.25 and record["validation"] == "the given images"
     assert 0 < cfg["tau"] <= record["error_quartiles"][1]
     assert load_model(model_dir).tau == cfg["tau"]
     assert "tau_predicted" not in cfg and "removed tau_predicted" in res.output  # it was matched to the old tau
+
+    res = invoke("calibrate", "--model", model_dir, "--validation", "cats")
+    assert res.exit_code == 2 and "--validation must be one of photos, faces" in res.output
+
+
+def test_calibrate_on_the_validation_faces_needs_their_archives(tmp_path, model, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("SAMINV_CACHE", str(tmp_path / "cache"))  # nothing fetched there
+    model_dir = tmp_path / "model"
+    shutil.copytree(model.path, model_dir)
+    before = (model_dir / "config.json").read_bytes()
+    res = invoke("calibrate", "--model", model_dir, "--validation", "faces")
+    assert res.exit_code == 2 and "make faces" in res.output and len(res.output.strip().splitlines()) == 1
+    assert (model_dir / "config.json").read_bytes() == before
 
 
 def test_sample_photo(tmp_path):

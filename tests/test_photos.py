@@ -1,4 +1,5 @@
-"""The held-out registry faces: pinned archives, checked downloads, crops read out of the archives."""
+"""The held-out registry faces and the validation faces: pinned archives, checked downloads, crops read out of
+the archives."""
 
 import hashlib
 import importlib.util
@@ -14,8 +15,8 @@ from typer.testing import CliRunner
 
 from saminv.cli import app
 from saminv.errors import InputError
-from saminv.photos import (FACE_ARCHIVES, REGISTRY_FACES, FaceArchive, face_archive_dir, face_photo, held_out_faces,
-                           held_out_photos, photo_group)
+from saminv.photos import (FACE_ARCHIVES, REGISTRY_FACES, VALIDATION_FACES, FaceArchive, face_archive_dir, face_photo,
+                           held_out_faces, held_out_photos, photo_group, validation_faces)
 
 _spec = importlib.util.spec_from_file_location("fetch_faces", Path(__file__).parents[1] / "benchmarks" / "fetch_faces.py")
 fetch_faces = importlib.util.module_from_spec(_spec)
@@ -76,6 +77,29 @@ def test_held_out_faces_crop_the_boxes_out_of_the_fetched_archives(tmp_path):
         held_out_faces(tmp_path)
 
 
+def test_validation_faces_crop_their_boxes_out_of_other_archives(tmp_path):
+    # Stand-ins for the three npm archives: each member a real photo just large enough for its boxes.
+    assert not {a for a, _ in VALIDATION_FACES} & {a for a, _, _ in REGISTRY_FACES.values()}  # other photos, other people
+    with pytest.raises(InputError, match="make faces"):
+        validation_faces(tmp_path)
+    photos = {}
+    for archive in {a for a, _ in VALIDATION_FACES}:
+        with tarfile.open(tmp_path / FACE_ARCHIVES[archive].filename, "w:gz") as tar:
+            for (key, member), boxes in VALIDATION_FACES.items():
+                if key != archive:
+                    continue
+                size = (max(l + s for l, _, s in boxes), max(t + s for _, t, s in boxes))
+                photos[member] = np.asarray(Image.fromarray(coffee()).resize(size))
+                data = io.BytesIO()
+                Image.fromarray(photos[member]).save(data, format="PNG")
+                info = tarfile.TarInfo(member)
+                info.size = data.tell()
+                tar.addfile(info, io.BytesIO(data.getvalue()))
+    crops = validation_faces(tmp_path)
+    expected = [photos[member][t:t + s, l:l + s] for (_, member), boxes in VALIDATION_FACES.items() for l, t, s in boxes]
+    assert len(crops) == 36 and all(np.array_equal(c, e) for c, e in zip(crops, expected))
+
+
 def test_registry_face_before_fetch_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setenv("SAMINV_CACHE", str(tmp_path))
     res = CliRunner().invoke(app, ["sample-photo", "obama", "--out", str(tmp_path / "obama.png")])
@@ -84,7 +108,7 @@ def test_registry_face_before_fetch_is_one_clear_line(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not all((face_archive_dir() / a.filename).is_file() for a in FACE_ARCHIVES.values()),
-                    reason="held-out faces not fetched (make faces)")
+                    reason="face archives not fetched (make faces)")
 def test_fetched_registry_faces():
     for archive in FACE_ARCHIVES.values():
         assert hashlib.sha256((face_archive_dir() / archive.filename).read_bytes()).hexdigest() == archive.sha256
@@ -95,3 +119,6 @@ def test_fetched_registry_faces():
         assert np.array_equal(face_photo(name), crop)
     groups = [photo_group(n) for n, _ in held_out_photos(nonface_patches=1)]
     assert groups.count("faces") == len(REGISTRY_FACES) and groups[-1] == "nonface_patches"
+    crops = validation_faces()
+    assert len(crops) == 36 and all(c.shape[0] == c.shape[1] >= 153 and c.shape[2] == 3 and c.std() > 20 for c in crops)
+    assert not any(np.array_equal(c[:112, :112], f[:112, :112]) for c in crops for _, f in faces)

@@ -18,11 +18,13 @@ optimization, every space) is <= ``tau``: the predicted maps then pass each spac
 photos as often as the measured maps do (quantile matching; W+ gets the median, as ``tau`` does).
 Calibrate ``tau`` first; this costs single-space optimizations in every space.
 
-The default validation set is :func:`saminv.photos.validation_photos` (16 crops of real scikit-image
-photos, disjoint from the face photos that tests and benchmarks evaluate on): sharp colour content
-that no generator was trained on. (A first version used scikit-image's ``lfw_subset`` items 100-115,
-believing them faces; they are near-uniform background patches, almost perfectly invertible, which put
-tau near zero.)
+Validation sets (``saminv calibrate --validation``): :func:`saminv.photos.validation_photos` (the default;
+16 crops of real scikit-image photos, no faces, disjoint from the photos that tests and benchmarks evaluate
+on; needs nothing fetched) and :func:`saminv.photos.validation_faces` (36 real face crops of other people than
+the held-out faces). tau is the error level of the content it is calibrated on, so a face model gets the faces:
+faces64 inverts faces better in W+ than scenes, so a scene tau would keep most of a face in W+. (A first version used
+scikit-image's ``lfw_subset`` items 100-115, believing them faces; they are near-uniform background patches,
+almost perfectly invertible, which put tau near zero.)
 """
 
 from __future__ import annotations
