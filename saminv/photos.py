@@ -137,8 +137,8 @@ REGISTRY_FACES = {
 }
 
 _CLM, _FAPI = "package/examples/media/", "package/demo/"
-# (archive, member) -> square face crops (left, top, side), found as REGISTRY_FACES' boxes; detections that were
-# not a sharp frontal face (profiles, blurred background faces, a poster) left out by eye.
+# (archive, member) -> square face crops (left, top, side), found as REGISTRY_FACES' boxes; the cascade's false
+# detections (a badge, fabric, window blinds) left out by eye.
 VALIDATION_FACES = {
     ("face-api", _FAPI + "sample1.jpg"): [(306, 292, 363)],
     ("face-api", _FAPI + "sample2.jpg"): [(1342, 90, 369)],
