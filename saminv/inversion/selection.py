@@ -65,7 +65,7 @@ def anchored_taus(tau: float, tau_predicted: dict[str, float]) -> dict[str, floa
     space on validation photos) carries each space's predicted-to-measured error scale; anchoring divides a
     segment's F_k errors by its predicted-to-measured W+ ratio, so the F_k taus take the same division by the
     validation photos' typical ratio (tau_predicted["W+"] / tau). Raises KeyError without a W+ entry."""
-    return {name: tau * t / tau_predicted["W+"] for name, t in tau_predicted.items()}
+    return {name: tau * (t / tau_predicted["W+"]) for name, t in tau_predicted.items()}  # W+: exactly tau
 
 
 def layer_map(error_maps: np.ndarray, image: np.ndarray, tau: float | np.ndarray, n_segments: int = 48,
