@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from saminv.errors import InputError
-from saminv.photos import FACE_ARCHIVES, REGISTRY_FACES, FaceArchive, face_archive_dir, validation_faces
+from saminv.photos import FACE_ARCHIVES, REGISTRY_FACES, VALIDATION_FACES, FaceArchive, face_archive_dir
 
 
 def fetch_face_archives(directory: Path | None = None, archives: dict[str, FaceArchive] = FACE_ARCHIVES) -> list[Path]:
@@ -64,7 +64,7 @@ def main() -> None:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(f"{len(REGISTRY_FACES)} held-out and {len(validation_faces(paths[0].parent))} validation faces in "
+    print(f"{len(REGISTRY_FACES)} held-out and {sum(map(len, VALIDATION_FACES.values()))} validation faces in "
           f"{len(paths)} archives under {paths[0].parent}")
 
 

@@ -506,11 +506,10 @@ def calibrate(model: str = typer.Option("faces64", help="A built-in name or mode
     from saminv.inversion.sam import MAPS
     from saminv.models.lpips import LPIPS
     from saminv.models.model_dir import REGIMES, TAU_KEYS
-    from saminv.photos import validation_faces, validation_photos
+    from saminv.photos import VALIDATION_SETS
 
-    sets = {"photos": validation_photos, "faces": validation_faces}
-    if validation not in sets:
-        raise InputError(f"--validation must be one of {', '.join(sets)}, got {validation!r}")
+    if validation not in VALIDATION_SETS:
+        raise InputError(f"--validation must be one of {', '.join(VALIDATION_SETS)}, got {validation!r}")
     if regime not in REGIMES:
         raise InputError(f"--regime must be one of {', '.join(REGIMES)}, got {regime!r}")
     if maps not in MAPS:
@@ -520,7 +519,7 @@ def calibrate(model: str = typer.Option("faces64", help="A built-in name or mode
     if images:
         photos = [load_image(p, r) for p in collect_images(images)]
     else:
-        photos = [resize_square(p, r) for p in sets[validation]()]
+        photos = [resize_square(p, r) for p in VALIDATION_SETS[validation]()]
     tau, stats = calibrate_tau(m, LPIPS(), photos, steps=steps, quantile=quantile, progress=True, regime=regime, maps=maps)
     stats["validation"] = "the given images" if images else f"saminv.photos.validation_{validation}"
     key = TAU_KEYS[regime, maps]

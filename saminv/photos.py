@@ -208,6 +208,9 @@ def validation_faces(directory: Path | None = None) -> list[np.ndarray]:
             for (archive, member), boxes in VALIDATION_FACES.items() for box in boxes]
 
 
+VALIDATION_SETS = {"photos": validation_photos, "faces": validation_faces}  # ``saminv calibrate --validation``
+
+
 def held_out_faces(directory: Path | None = None) -> list[tuple[str, np.ndarray]]:
     """The registry faces whose archive has been fetched, as (name, S x S x 3 uint8 face crop); no training
     step sees them. Empty before ``make faces``."""
