@@ -40,6 +40,13 @@ BACKENDS = ("eager", "compiled", "onnxruntime", *GPU_BACKENDS)
 
 @dataclass
 class BenchConfig:
+    """How ``saminv bench`` times each backend.
+
+    ``runs`` timed calls (after ``warmup`` untimed ones) give the median and p95 latency at batch 1;
+    each batch size in ``batches`` is timed ``throughput_runs`` times for images per second;
+    ``threads`` is the CPU thread count (torch and onnxruntime intra-op threads).
+    """
+
     runs: int = 50
     warmup: int = 5
     batches: tuple[int, ...] = (1, 8, 32)

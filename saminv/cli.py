@@ -28,6 +28,7 @@ MODEL_HELP = "A built-in model name, a model directory, or a rosinality StyleGAN
 
 
 def fail(message: str, code: int = 2) -> None:
+    """Print ``error: message`` on stderr and exit with ``code`` (raises :class:`typer.Exit`)."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -48,6 +49,11 @@ def reports_errors(fn: Callable) -> Callable:
 
 
 def pick_device(device: str) -> str:
+    """The torch device for ``--device``: ``auto`` picks CUDA when present, else CPU.
+
+    Raises :class:`InputError` for CUDA on a machine without it, or a name other than
+    auto, cpu, cuda or cuda:N.
+    """
     import torch
 
     if device == "auto":
@@ -129,6 +135,11 @@ def model_directory(spec: str, purpose: str):
 
 
 def parse_spaces(spaces: Optional[str], available: list[str]) -> list[str] | None:
+    """``--spaces "W+,F4"`` as a list in the model's order (W+, then F_k by increasing k),
+    or None (every space) when the option is empty.
+
+    Raises :class:`InputError` naming the choices for an unknown or empty list.
+    """
     if not spaces:
         return None
     names = [s.strip() for s in spaces.split(",") if s.strip()]
@@ -713,6 +724,7 @@ def train_report(model: str = typer.Option("faces64", help=MODEL_HELP),
 
 
 def main() -> None:
+    """The ``saminv`` console script."""
     app()
 
 

@@ -58,6 +58,10 @@ class Direction:
         return out
 
     def with_layers(self, layers: tuple[int, int] | None) -> "Direction":
+        """This direction on the inclusive w+ layer range ``layers`` (None: keep its own).
+
+        Raises InputError when the range is empty or outside the model's w+ rows.
+        """
         return self if layers is None else replace(self, layers=check_layers(layers, self.vector.shape[0]))
 
 

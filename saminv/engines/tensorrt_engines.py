@@ -48,6 +48,8 @@ def _register_plugin() -> None:
 
 
 def engine_key(trt_version: str, capability: tuple[int, int], fused_residual: bool = False) -> str:
+    """The folder name of engines built by one TensorRT version for one GPU compute capability,
+    e.g. ``trt10.13.0.35-sm90`` or ``trt10.13.0.35-sm90-fused``: engines run only where both match."""
     return f"trt{trt_version}-sm{capability[0]}{capability[1]}" + ("-fused" if fused_residual else "")
 
 

@@ -42,6 +42,8 @@ class StagePlan:
 
     @property
     def w_rows(self) -> tuple[int, int]:
+        """(start, stop) rows of w+ [n_latent, w_dim] that blocks first..last read: block b's convs
+        use rows 2b-1 and 2b (block 0: row 0), its ToRGB row 2b+1."""
         return max(2 * self.first - 1, 0), 2 * self.last + 2
 
 
@@ -147,4 +149,7 @@ def stage_inputs(G: Generator, plan: StagePlan, n: int = 2, seed: int = 0) -> di
 
 
 def output_names(plan: StagePlan) -> list[str]:
+    """ONNX output names of a stage: the tail gives ``image``; a latent-space stage gives the F_k
+    features ``f_out`` [N, C, r, r], the blended incoming skip image ``rgb_blend`` and ``rgb_out`` (after
+    this block's ToRGB), both [N, 3, r, r] (see :class:`SynthesisStage`)."""
     return ["image"] if plan.space is None else ["f_out", "rgb_blend", "rgb_out"]

@@ -67,6 +67,7 @@ class Codes:
     masks: dict[int, Tensor] = field(default_factory=dict)
 
     def residuals(self) -> dict[int, tuple[Tensor, Tensor]]:
+        """``{k: (m_k, Δf_k)}``, the residuals the synthesis adds at F_k (paper Eq. 3)."""
         return {k: (self.masks[k], d) for k, d in self.deltas.items()}
 
     def render(self, model: Model, noise_mode: NoiseMode = "const") -> Tensor:
@@ -74,6 +75,7 @@ class Codes:
         return model.generator.synthesis(self.wplus, self.residuals(), noise_mode=noise_mode)
 
     def detach(self) -> "Codes":
+        """A copy of these codes, detached from the autograd graph."""
         return Codes(self.wplus.detach().clone(), {k: v.detach().clone() for k, v in self.deltas.items()},
                      {k: v.detach().clone() for k, v in self.masks.items()})
 

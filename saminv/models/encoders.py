@@ -62,6 +62,7 @@ class WPlusEncoder(nn.Module):
         self.register_buffer("w_avg", torch.zeros(w_dim))
 
     def init_kwargs(self) -> dict:
+        """The constructor arguments that rebuild this network (stored in config.json beside its weights)."""
         return {"n_latent": self.n_latent, "w_dim": self.w_dim, "width": self.pyramid.lateral[0].out_channels,
                 "input_size": self.pyramid.input_size}
 
@@ -86,6 +87,7 @@ class DeltaEncoder(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def init_kwargs(self) -> dict:
+        """The constructor arguments that rebuild this network (stored in config.json beside its weights)."""
         return {"channels": self.channels, "size": self.size, "resolution": self.resolution,
                 "width": self.out.in_channels}
 
@@ -110,6 +112,7 @@ class SamEncoders(nn.Module):
                                      for name, shape in spaces.items()})
 
     def init_kwargs(self) -> dict:
+        """The constructor arguments that rebuild this network (stored in config.json beside its weights)."""
         return {"n_latent": self.wplus.n_latent, "w_dim": self.wplus.w_dim, "resolution": self.resolution,
                 "spaces": self.space_shapes, "width": self.wplus.pyramid.lateral[0].out_channels}
 

@@ -64,6 +64,8 @@ class WPrior:
     @classmethod
     @torch.no_grad()
     def estimate(cls, G: Generator, n: int = 5000, seed: int = 0) -> "WPrior":
+        """Fit on ``n`` w = mapping(z), z ~ N(0, I) seeded by ``seed`` (official SAM: 5,000 samples);
+        the covariance gets 1e-6 on its diagonal before inversion (float64, stored float32)."""
         g = torch.Generator().manual_seed(seed)
         w = G.mapping(torch.randn(n, G.cfg.z_dim, generator=g)).double()
         v = torch.nn.functional.leaky_relu(w, PRIOR_SLOPE)
@@ -90,9 +92,11 @@ class Model:
 
     @property
     def name(self) -> str:
+        """The config's ``name``, else the directory's name."""
         return self.meta.get("name") or (self.path.name if self.path else "model")
 
     def to(self, device: str | torch.device) -> "Model":
+        """Move the generator, the W prior and every loaded network to ``device`` (in place); returns self."""
         self.generator.to(device)
         self.prior = WPrior(self.prior.mean.to(device), self.prior.precision.to(device))
         for net in self.networks.values():
@@ -130,6 +134,8 @@ class Model:
 
 
 def config_dict(model: Model) -> dict:
+    """The config.json content of ``model``: format and version, its metadata (w_avg stats, taus,
+    networks), the generator architecture, its latent spaces and tau."""
     G = model.generator
     return {
         "format": FORMAT,
@@ -228,10 +234,12 @@ def save_network(model_dir: Path, kind: str, net: torch.nn.Module, trained: dict
 
 
 def builtin_names() -> list[str]:
+    """Names of the models shipped inside the package (``saminv/builtin/<name>/config.json``)."""
     return sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / "config.json").is_file()) if BUILTIN_DIR.is_dir() else []
 
 
 def cache_dir() -> Path:
+    """saminv's cache (converted checkpoints, the face archives of `make faces`): ``$SAMINV_CACHE``, else ``~/.cache/saminv``."""
     return Path(os.environ.get("SAMINV_CACHE", Path.home() / ".cache" / "saminv"))
 
 

@@ -39,6 +39,7 @@ class InvertibilityPredictor(nn.Module):
         self.register_buffer("scale", torch.ones(len(self.spaces)))
 
     def init_kwargs(self) -> dict:
+        """The constructor arguments that rebuild this network (stored in config.json beside its weights)."""
         return {"spaces": self.spaces, "width": self.smooth.in_channels}
 
     def forward(self, images: Tensor) -> Tensor:

@@ -105,18 +105,22 @@ class GeneratorConfig:
         return 2 * int(math.log2(self.resolution)) - 2
 
     def channels(self, res: int) -> int:
+        """Feature channels at resolution ``res`` px: min(channel_base / res, channel_max)."""
         return min(self.channel_base // res, self.channel_max)
 
     def block_resolution(self, block: int) -> int:
+        """Output resolution of synthesis block ``block`` (block 0 is the 4x4 constant-input block)."""
         return 4 * 2**block
 
     def to_dict(self) -> dict:
+        """JSON-ready fields (the ``generator`` entry of a model's config.json)."""
         d = asdict(self)
         d["feature_blocks"] = list(self.feature_blocks)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "GeneratorConfig":
+        """Inverse of :meth:`to_dict`; raises ValueError on unknown keys or an invalid architecture."""
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
@@ -261,6 +265,8 @@ class ToRGB(nn.Module):
             self.upsample = None
 
     def upsample_skip(self, skip: Tensor | None) -> Tensor | None:
+        """The incoming RGB skip image [N, 3, r/2, r/2] upsampled 2x with the [1, 3, 3, 1] blur
+        (upfirdn2d up=2 as a depthwise transposed conv) to [N, 3, r, r]; None stays None."""
         if skip is None:
             return None
         return F.conv_transpose2d(skip, self.upsample, stride=2, padding=1, groups=3)
@@ -377,6 +383,7 @@ class Generator(nn.Module):
         return out
 
     def space(self, name: str) -> LatentSpace:
+        """The latent space called ``name`` ("W+" or "F<k>"); raises KeyError naming the model's spaces."""
         for s in self.spaces:
             if s.name == name:
                 return s
@@ -387,6 +394,7 @@ class Generator(nn.Module):
         return w.unsqueeze(1).expand(-1, self.cfg.n_latent, -1)
 
     def forward(self, z: Tensor, truncation: float = 1.0, noise_mode: NoiseMode = "const") -> Tensor:
+        """z [N, z_dim] -> images [N, 3, R, R] in about [-1, 1], every style layer fed the same w."""
         return self.synthesis(self.broadcast(self.mapping(z, truncation)), noise_mode=noise_mode)
 
     @torch.no_grad()

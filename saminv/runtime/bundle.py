@@ -31,6 +31,7 @@ class Bundle:
     manifest: dict
 
     def stage(self, name: str) -> dict:
+        """The manifest entry of stage ``name`` ("mapping", "F<k>" or "tail"); raises BundleError if absent."""
         for s in self.manifest["stages"]:
             if s["name"] == name:
                 return s
@@ -38,6 +39,7 @@ class Bundle:
 
     @property
     def synthesis_stages(self) -> list[dict]:
+        """The manifest entries of the synthesis stages g_{i->j}, in the order they run."""
         return [s for s in self.manifest["stages"] if s["name"] != "mapping"]
 
 

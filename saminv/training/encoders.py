@@ -37,6 +37,15 @@ IMAGE_OFFSET = 1_000_000  # item indices apart from the invertibility data set's
 
 @dataclass
 class EncoderConfig:
+    """Hyper-parameters of ``saminv train encoder`` (defaults: the shipped faces64 run).
+
+    The W+ encoder trains first (``wplus_steps``; MSE + LPIPS, the paper's W-regularizers and the
+    latent loss on generated images, ``latent_weight``), then the Δf encoders with the W+ encoder
+    frozen (``delta_steps``; MSE + LPIPS of the image composed with one Δf_k, plus the F-regularizer).
+    A batch holds ``generated`` model samples (their w known) and teacher faces, photo crops and composites.
+    ``lr`` is Adam's rate for the new layers, ``backbone_lr_scale`` times it for the pretrained trunk.
+    """
+
     wplus_steps: int = 1500
     delta_steps: int = 3000
     batch: int = 8
@@ -71,6 +80,7 @@ class EncoderTrainer(TrainingRun):
 
     @property
     def stage(self) -> str:
+        """``"wplus"`` during the first ``wplus_steps`` steps, then ``"delta"``."""
         return "wplus" if self.step < self.cfg.wplus_steps else "delta"
 
     def _optimizer(self, stage: str) -> torch.optim.Optimizer:

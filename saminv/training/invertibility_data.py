@@ -136,6 +136,10 @@ class ImageSource:
         return from_tensor_range(G(z, truncation=float(rng.uniform(0.5, 1.0)))[0].numpy())
 
     def image(self, i: int) -> tuple[np.ndarray, str]:
+        """Training image number ``i``: uint8 [R, R, 3] and its source, ``SOURCES[i % 4]``: a DCGAN teacher
+        face, a model sample (truncation 0.5-1), a random crop of a training photo, or a teacher face
+        pasted over such a crop; crops and composites get flips and colour jitter. The same ``(seed, i)``
+        always gives the same image."""
         rng = self._rng(i)
         source = SOURCES[i % len(SOURCES)]
         r = self.resolution

@@ -37,6 +37,12 @@ from saminv.training.run import TrainingRun
 
 @dataclass
 class PredictorConfig:
+    """Hyper-parameters of ``saminv train predictor`` (defaults: the shipped faces64 run).
+
+    Adam at ``lr`` for the decoder and heads, ``backbone_lr_scale`` times it for the pretrained
+    EfficientNet-Lite0 trunk; no warm-up, cosine ramp-down over the last ``rampdown`` of ``steps``.
+    """
+
     steps: int = 3000
     batch: int = 16
     lr: float = 1e-3
@@ -105,6 +111,8 @@ class PredictorTrainer(TrainingRun):
         self.opt.load_state_dict(state["opt"])
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random batch: images [B, 3, R, R] in [-1, 1] and their error maps e_l [B, S, R, R] (LPIPS units),
+        each pair flipped left-right with probability 0.5."""
         idx = self.rng.integers(0, len(self.images), self.cfg.batch)
         x = torch.from_numpy(self.images[idx]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
         y = torch.from_numpy(self.errors[idx])

@@ -70,6 +70,7 @@ class TrainingRun:
 
     @property
     def checkpoint(self) -> Path:
+        """The run's ``checkpoint.pt``."""
         return self.out_dir / "checkpoint.pt"
 
     def train_step(self) -> dict[str, float]:
@@ -81,6 +82,7 @@ class TrainingRun:
         raise NotImplementedError
 
     def load_state(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (tensors already on the run's device)."""
         raise NotImplementedError
 
     def resume(self, device: str | torch.device = "cpu") -> None:
@@ -94,6 +96,7 @@ class TrainingRun:
             torch.manual_seed(self.cfg.seed + 1_000_003 * self.rank + self.step)
 
     def save(self) -> None:
+        """Write the checkpoint atomically (temp file, then rename), with ``step`` and the torch RNG; rank 0 only."""
         if self.rank != 0:
             return
         tmp = self.checkpoint.with_suffix(".pt.tmp")
