@@ -10,9 +10,10 @@ layer-map and encoder parts also report each group on its own, ``by_group``: ``p
   correlation of the per-segment mean errors (segments of all photos pooled; measured = single-space
   optimizations with the data set's step budget, or single-space encoder passes), and the share of
   pixels whose layer map agrees at the measured maps' tau (like with like: both maps on the data set's
-  error scale); for the encoder regime also how well the measured
-  layer map agrees with the one measured on the mirrored photo (the measurement's own stability), and
-  the scores of the predicted maps anchored to the measured W+ error (what encoder mode uses);
+  error scale); the same two scores for the maps measured on the mirrored photos, mirrored back, against
+  the measured ones (``mirrored_measurement``: the measurement's own stability, a ceiling for any
+  predictor; it doubles the optimization regime's cost); for the encoder regime also the scores of the
+  predicted maps anchored to the measured W+ error (what encoder mode uses);
 * ``layer_maps`` the optimization regime's layer maps as ``saminv invert --maps measured|predicted`` makes them:
   measured maps after the default optimization (``--steps``) cut at ``tau``; optimize mode's predicted maps,
   anchored to the measured W+ map and cut at ``anchored_taus``; hybrid mode's predicted maps alone, cut at
@@ -86,16 +87,19 @@ def predictor_scores(rows: list[dict], names: list[str], predicted: str = "predi
 def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8) -> dict:
     names = [s.name for s in model.generator.spaces]
     tau = model.tau_for(regime)
+
+    def measure(images: torch.Tensor) -> torch.Tensor:
+        """The regime's measured error maps of ``images`` [N, 3, R, R]: [S, N, R, R]."""
+        if regime == "encoder":
+            return encoder_error_maps(model, lpips, images, names).transpose(0, 1)
+        return invert_spaces(model, lpips, images, names, InversionConfig(steps=steps), progress=True).error_maps
+
     rows = []
     for start in range(0, len(photos), batch):
         chunk = photos[start:start + batch]
         targets = torch.cat([to_target(img) for _, img in chunk])
-        if regime == "encoder":
-            measured = encoder_error_maps(model, lpips, targets, names).transpose(0, 1)
-            # the measurement's own stability: the maps of the mirrored photos, mirrored back
-            mirrored = encoder_error_maps(model, lpips, targets.flip(-1), names).flip(-1).transpose(0, 1)
-        else:
-            measured = invert_spaces(model, lpips, targets, names, InversionConfig(steps=steps), progress=True).error_maps
+        measured = measure(targets)
+        mirrored = measure(targets.flip(-1)).flip(-1)  # the maps of the mirrored photos, mirrored back
         predicted = predicted_maps(model, targets, names, regime)
         for i, (name, img) in enumerate(chunk):
             m, p = measured[:, i].numpy(), predicted[i].numpy()
@@ -103,20 +107,23 @@ def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8
             measured_labels = layer_map(m, img, tau)
             same = measured_labels == layer_map(p, img, tau)
             row = {"photo": name, "measured": segment_means(m, seg), "predicted": segment_means(p, seg),
-                   "predicted_agree": int(same.sum()), "pixels": same.size}
+                   "predicted_agree": int(same.sum()), "pixels": same.size,
+                   "mirrored": segment_means(mirrored[:, i].numpy(), seg),
+                   "mirrored_agree": int((measured_labels == layer_map(mirrored[:, i].numpy(), img, tau)).sum())}
             if regime == "encoder":
-                row["mirrored_agree"] = int((measured_labels == layer_map(mirrored[:, i].numpy(), img, tau)).sum())
                 anchored = anchor_to_measured_wplus(p, m[0], seg)
                 row["anchored"] = segment_means(anchored, seg)
                 row["anchored_agree"] = int((measured_labels == layer_map(anchored, img, tau)).sum())
             rows.append(row)
-            print(f"  {name}: layer maps agree on {same.mean():.1%}")
+            print(f"  {name}: layer maps agree on {same.mean():.1%} (mirrored measurement: "
+                  f"{row['mirrored_agree'] / same.size:.1%})")
 
     def scores(rows: list[dict]) -> dict:
         out = predictor_scores(rows, names)
+        # measured maps vs those measured on the mirrored photos (a noise ceiling for any predictor)
+        mirrored = predictor_scores(rows, names, "mirrored")
+        out["mirrored_measurement"] = {k: mirrored[k] for k in ("spearman", "layer_map_agreement")}
         if regime == "encoder":
-            # measured layer map vs the one measured on the mirrored photo (a noise ceiling)
-            out["mirrored_measurement_agreement"] = sum(r["mirrored_agree"] for r in rows) / sum(r["pixels"] for r in rows)
             # the predicted maps anchored to the measured W+ error (what encoder mode uses)
             anchored = predictor_scores(rows, names, "anchored")
             out["w_plus_anchored"] = {k: anchored[k] for k in ("spearman", "layer_map_agreement")}
