@@ -37,7 +37,8 @@ from saminv.training.run import TrainingRun
 
 @dataclass
 class PredictorConfig:
-    """Hyper-parameters of ``saminv train predictor`` (defaults: the shipped faces64 run).
+    """Hyper-parameters of ``saminv train predictor`` (faces64's shipped predictors used ``--steps``
+    2,000 and 8,000; docs/feedforward.md, "Reproducing the shipped weights").
 
     Adam at ``lr`` for the decoder and heads, ``backbone_lr_scale`` times it for the pretrained
     EfficientNet-Lite0 trunk; no warm-up, cosine ramp-down over the last ``rampdown`` of ``steps``.
