@@ -102,14 +102,14 @@ def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8
         mirrored = measure(targets.flip(-1)).flip(-1)  # the maps of the mirrored photos, mirrored back
         predicted = predicted_maps(model, targets, names, regime)
         for i, (name, img) in enumerate(chunk):
-            m, p = measured[:, i].numpy(), predicted[i].numpy()
+            m, p, mm = measured[:, i].numpy(), predicted[i].numpy(), mirrored[:, i].numpy()
             seg = segment(img)
             measured_labels = layer_map(m, img, tau)
             same = measured_labels == layer_map(p, img, tau)
             row = {"photo": name, "measured": segment_means(m, seg), "predicted": segment_means(p, seg),
                    "predicted_agree": int(same.sum()), "pixels": same.size,
-                   "mirrored": segment_means(mirrored[:, i].numpy(), seg),
-                   "mirrored_agree": int((measured_labels == layer_map(mirrored[:, i].numpy(), img, tau)).sum())}
+                   "mirrored": segment_means(mm, seg),
+                   "mirrored_agree": int((measured_labels == layer_map(mm, img, tau)).sum())}
             if regime == "encoder":
                 anchored = anchor_to_measured_wplus(p, m[0], seg)
                 row["anchored"] = segment_means(anchored, seg)

@@ -532,7 +532,8 @@ def calibrate(model: str = typer.Option("faces64", help="A built-in name or mode
     else:
         photos = [resize_square(p, r) for p in VALIDATION_SETS[validation]()]
     tau, stats = calibrate_tau(m, LPIPS(), photos, steps=steps, quantile=quantile, progress=True, regime=regime, maps=maps)
-    stats["validation"] = "the given images" if images else f"saminv.photos.validation_{validation}"
+    source = VALIDATION_SETS[validation]
+    stats["validation"] = "the given images" if images else f"{source.__module__}.{source.__name__}"
     key = TAU_KEYS[regime, maps]
     store_tau(m.path, key, tau, stats)
     shown = ", ".join(f"{n} {t:.4f}" for n, t in tau.items()) if isinstance(tau, dict) else f"{tau:.4f}"
