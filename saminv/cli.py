@@ -24,7 +24,7 @@ app.add_typer(engines_app, name="engines")
 directions_app = typer.Typer(no_args_is_help=True, help="Build and list a model's direction library (edits).")
 app.add_typer(directions_app, name="directions")
 
-MODEL_HELP = "A built-in model name, a model directory, or a rosinality StyleGAN2 .pt checkpoint."
+MODEL_HELP = "A built-in model name, a model directory, or a StyleGAN2 checkpoint (rosinality .pt, NVIDIA .pkl)."
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -67,7 +67,7 @@ def pick_device(device: str) -> str:
 
 @app.command()
 @reports_errors
-def convert(checkpoint: Path = typer.Argument(..., help="rosinality-format StyleGAN2 .pt (g_ema, latent_avg)."),
+def convert(checkpoint: Path = typer.Argument(..., help="StyleGAN2 checkpoint: rosinality .pt (g_ema, latent_avg) or NVIDIA stylegan2-ada-pytorch .pkl (G_ema; read as data, its code never runs)."),
             out: Path = typer.Option(..., "--out", help="Model directory to write (must not exist)."),
             ) -> None:
     """Convert a StyleGAN2 checkpoint into a saminv model directory (config.json + weights.safetensors)."""

@@ -12,6 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pickle
+import sys
+import types
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 from saminv.errors import InputError
 from saminv.models import checkpoints
 from saminv.models.checkpoints import convert_checkpoint
-from saminv.models.model_dir import load_model
+from saminv.models.model_dir import load_model, load_model_dir, save_model
 
 SQRT2 = math.sqrt(2.0)
 
@@ -363,13 +367,6 @@ def _pickle_global(module: str, name: str, body: bytes = b")\x81") -> bytes:
     return b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n" + body
 
 
-def test_nvidia_like_pickle(tmp_path):
-    # EasyDict(G_ema=None): GLOBAL dnnlib.util EasyDict, NEWOBJ, then BUILD with {'G_ema': None}
-    data = _pickle_global("dnnlib.util", "EasyDict") + b"}X\x05\x00\x00\x00G_emaNsb."
-    (tmp_path / "network-snapshot.pkl").write_bytes(data)
-    _expect_error(tmp_path / "network-snapshot.pkl", "NVIDIA .pkl checkpoints are not supported yet")
-
-
 def test_foreign_pickle_runs_no_code(tmp_path):
     marker = tmp_path / "pwned"
     # builtins.open(marker, 'w') via REDUCE: would create the marker if the pickle were executed
@@ -382,6 +379,226 @@ def test_foreign_pickle_runs_no_code(tmp_path):
 
     (tmp_path / "other.pt").write_bytes(_pickle_global("mypackage.models", "Thing") + b".")
     _expect_error(tmp_path / "other.pt", "unknown checkpoint format", "mypackage.models.Thing")
+
+
+# ------------------------------------------------------------------------- NVIDIA network pickles
+# Written here from NVIDIA's documented layout (stylegan2-ada-pytorch): a pickled dict whose networks are
+# torch_utils.persistence objects, each reduced to _reconstruct_persistent_obj(meta) with meta = {type,
+# version, module_src, class_name, state = the module's __dict__}; G_ema's names mapping.fc{i},
+# mapping.w_avg, synthesis.b{res}.const / conv0 / conv1 / torgb (affine, weight, bias, noise_strength [],
+# noise_const [r, r], resample_filter = [1, 3, 3, 1] outer product / 64).
+
+
+def _reconstruct_persistent_obj(meta):  # stands in for NVIDIA's hook, which exec()s meta["module_src"]
+    raise AssertionError("saminv must never call the pickle's own reconstruct hook")
+
+
+class EasyDict(dict):
+    """Stands in for dnnlib.util.EasyDict while writing."""
+
+
+@pytest.fixture
+def nvidia_modules(monkeypatch):
+    """Registers stand-ins for NVIDIA's modules so that pickle can name them while writing."""
+    persistence = types.ModuleType("torch_utils.persistence")
+    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    util = types.ModuleType("dnnlib.util")
+    util.EasyDict = EasyDict
+    monkeypatch.setattr(_reconstruct_persistent_obj, "__module__", "torch_utils.persistence")
+    monkeypatch.setattr(EasyDict, "__module__", "dnnlib.util")
+    for name, module in {"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": persistence,
+                         "dnnlib": types.ModuleType("dnnlib"), "dnnlib.util": util}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+class Persistent:
+    """Pickles as NVIDIA's persistent objects do."""
+
+    def __init__(self, class_name, state, module_src="class Generator: pass"):
+        self.class_name, self.state, self.module_src = class_name, state, module_src
+
+    def __reduce__(self):
+        return (_reconstruct_persistent_obj, (dict(type="class", version=6, module_src=self.module_src,
+                                                   class_name=self.class_name, state=self.state),))
+
+
+NVIDIA_FILTER = torch.outer(torch.tensor([1.0, 3, 3, 1]), torch.tensor([1.0, 3, 3, 1])) / 64
+NVIDIA_BUFFERS = ("w_avg", "noise_const", "resample_filter")
+
+
+def nvidia_g_ema(sd, w_avg):
+    """The NVIDIA ``G_ema`` state dict with the weights of rosinality's ``g_ema`` ``sd``."""
+    n_mlp = sum(1 for k in sd if k.startswith("style.") and k.endswith(".weight"))
+    n_rgbs = sum(1 for k in sd if k.startswith("to_rgbs.") and k.endswith(".conv.weight"))
+    out = {"mapping.w_avg": w_avg}
+    for i in range(n_mlp):
+        out[f"mapping.fc{i}.weight"], out[f"mapping.fc{i}.bias"] = sd[f"style.{i + 1}.weight"], sd[f"style.{i + 1}.bias"]
+
+    def affine(src, dst):
+        out[f"{dst}.weight"] = sd[f"{src}.conv.weight"][0]
+        out[f"{dst}.affine.weight"] = sd[f"{src}.conv.modulation.weight"]
+        out[f"{dst}.affine.bias"] = sd[f"{src}.conv.modulation.bias"]
+
+    def layer(src, dst, noise):
+        affine(src, dst)
+        out[f"{dst}.noise_strength"] = sd[f"{src}.noise.weight"].reshape(())
+        out[f"{dst}.noise_const"] = sd[noise][0, 0]
+        out[f"{dst}.bias"] = sd[f"{src}.activate.bias"]
+        out[f"{dst}.resample_filter"] = NVIDIA_FILTER
+
+    def torgb(src, dst):
+        affine(src, dst)
+        out[f"{dst}.bias"] = sd[f"{src}.bias"].reshape(3)
+
+    out["synthesis.b4.const"], out["synthesis.b4.resample_filter"] = sd["input.input"][0], NVIDIA_FILTER
+    layer("conv1", "synthesis.b4.conv1", "noises.noise_0")
+    torgb("to_rgb1", "synthesis.b4.torgb")
+    for j in range(n_rgbs):
+        block = f"synthesis.b{8 * 2**j}"
+        out[f"{block}.resample_filter"] = NVIDIA_FILTER
+        layer(f"convs.{2 * j}", f"{block}.conv0", f"noises.noise_{2 * j + 1}")
+        layer(f"convs.{2 * j + 1}", f"{block}.conv1", f"noises.noise_{2 * j + 2}")
+        torgb(f"to_rgbs.{j}", f"{block}.torgb")
+    return out
+
+
+def _class_name(path):
+    last = path.rsplit(".", 1)[-1]
+    if last.startswith("fc") or last == "affine":
+        return "FullyConnectedLayer"
+    if last[:1] == "b" and last[1:].isdigit():
+        return "SynthesisBlock"
+    return {"": "Generator", "mapping": "MappingNetwork", "synthesis": "SynthesisNetwork",
+            "conv0": "SynthesisLayer", "conv1": "SynthesisLayer", "torgb": "ToRGBLayer"}.get(last, last)
+
+
+def nvidia_network(flat, attrs, module_src="class Generator: pass"):
+    """Nested persistent objects holding the state dict ``flat``; ``attrs[path]`` adds plain attributes."""
+    def node(path):
+        return {"_parameters": OrderedDict(), "_buffers": OrderedDict(), "_modules": OrderedDict(), **attrs.get(path, {})}
+
+    nodes = {"": node("")}
+    for key, t in flat.items():
+        *parts, name = key.split(".")
+        for i in range(len(parts)):
+            path = ".".join(parts[:i + 1])
+            if path not in nodes:
+                nodes[path] = node(path)
+                nodes[".".join(parts[:i])]["_modules"][parts[i]] = path
+        group = "_buffers" if name in NVIDIA_BUFFERS else "_parameters"
+        nodes[".".join(parts)][group][name] = t if group == "_buffers" else torch.nn.Parameter(t.clone())
+
+    def build(path):
+        state = dict(nodes[path])
+        state["_modules"] = OrderedDict((k, build(p)) for k, p in state["_modules"].items())
+        return Persistent(_class_name(path), state, module_src)
+    return build("")
+
+
+def write_nvidia_pkl(path, g_ema_sd, w_avg, clamp=None, c_dim=0, module_src="class Generator: pass", extra=None):
+    """An NVIDIA training snapshot (G, D, G_ema, augment_pipe, training_set_kwargs) with rosinality's weights."""
+    flat = nvidia_g_ema(g_ema_sd, w_avg)
+    res = max(int(k.split(".")[1][1:]) for k in flat if k.startswith("synthesis.b"))
+    attrs = {"": {"z_dim": g_ema_sd["style.1.weight"].shape[1], "c_dim": c_dim, "w_dim": w_avg.numel(),
+                  "img_resolution": res, "img_channels": 3, "_init_kwargs": EasyDict(c_dim=c_dim)},
+             "mapping.fc0": {"bias_gain": 0.01, "weight_gain": np.float64(0.01 / math.sqrt(w_avg.numel()))}}
+    for key in flat:
+        parts = key.split(".")
+        if parts[0] == "synthesis":
+            attrs.setdefault(".".join(parts[:2]), {"architecture": "skip"})
+            if parts[2] in ("conv0", "conv1", "torgb"):
+                attrs.setdefault(".".join(parts[:3]), {"conv_clamp": clamp})
+    G = nvidia_network(flat, attrs, module_src)
+    snapshot = {"training_set_kwargs": EasyDict(path="ffhq.zip", resolution=res), "G": G, "D": None,
+                "G_ema": G, "augment_pipe": None, **(extra or {})}
+    path.write_bytes(pickle.dumps(snapshot, protocol=4))
+
+
+@torch.no_grad()
+def test_nvidia_pickle_renders_like_rosinality(tmp_path, monkeypatch, nvidia_modules, small_ckpt):
+    _, sd = small_ckpt
+    w_avg = torch.randn(64) * 0.1
+    marker = tmp_path / "ran"
+    write_nvidia_pkl(tmp_path / "snapshot.pkl", sd, w_avg, module_src=f"open({str(marker)!r}, 'w')")
+    model = convert_checkpoint(tmp_path / "snapshot.pkl")
+    assert not marker.exists()  # the pickle's module source was never executed
+    G = model.generator
+    cfg = G.cfg
+    assert (cfg.resolution, cfg.w_dim, cfg.z_dim, cfg.n_mapping, cfg.mapping_lr_mul) == (16, 64, 64, 2, 0.01)
+    assert [cfg.channels(r) for r in (4, 8, 16)] == [512] * 3 and cfg.conv_clamp is None
+    assert torch.equal(G.mapping.w_avg, w_avg)
+    assert model.meta["source"]["format"] == "nvidia" and model.meta["source"]["w_avg"] == "w_avg"
+
+    gen = torch.Generator().manual_seed(7)
+    z = torch.randn(2, 64, generator=gen)
+    assert max_diff(G.mapping(z), ref_mapping(sd, z, 2)) <= 1e-4
+    ws = ref_mapping(sd, torch.randn(2 * cfg.n_latent, 64, generator=gen), 2).view(2, cfg.n_latent, 64)
+    ref = ref_synthesis(sd, ws)
+    assert 0.1 < ref.std() and ref.abs().max() < 4
+    assert max_diff(G.synthesis(ws, noise_mode="const"), ref) <= 1e-3
+
+    monkeypatch.setenv("SAMINV_CACHE", str(tmp_path / "cache"))  # --model takes the .pkl too
+    cached = load_model(tmp_path / "snapshot.pkl")
+    assert max_diff(cached.generator.synthesis(ws, noise_mode="const"), ref) <= 1e-3
+
+
+@torch.no_grad()
+def test_nvidia_conv_clamp_is_kept_and_applied(tmp_path, nvidia_modules, small_ckpt):
+    """NVIDIA's mixed-precision generators clamp each layer's activations and ToRGB output to conv_clamp."""
+    _, sd = small_ckpt
+    write_nvidia_pkl(tmp_path / "clamped.pkl", sd, torch.zeros(64), clamp=0.01)
+    model = convert_checkpoint(tmp_path / "clamped.pkl")
+    assert model.generator.cfg.conv_clamp == 0.01
+    save_model(model, tmp_path / "model")
+    G = load_model_dir(tmp_path / "model").generator
+    assert G.cfg.conv_clamp == 0.01
+    ws = ref_mapping(sd, torch.randn(G.cfg.n_latent, 64, generator=torch.Generator().manual_seed(8)), 2)[None]
+    # the image is the sum of one clamped ToRGB output per block, each upsampled by a filter that sums to 1
+    out = G.synthesis(ws, noise_mode="const")
+    assert out.abs().max() <= 0.01 * G.cfg.num_blocks + 1e-6
+    assert ref_synthesis(sd, ws).abs().max() > 10 * 0.01 * G.cfg.num_blocks  # unclamped, it would not be
+
+
+def _evil_reduce(marker):
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    return Evil()
+
+
+def test_bad_nvidia_pickles(tmp_path, nvidia_modules, small_ckpt):
+    _, sd = small_ckpt
+    w_avg = torch.zeros(64)
+    marker = tmp_path / "pwned"
+    write_nvidia_pkl(tmp_path / "evil.pkl", sd, w_avg, extra={"payload": _evil_reduce(marker)})
+    _expect_error(tmp_path / "evil.pkl", "unsupported NVIDIA pickle", "io.open", "refusing to run code")
+    assert not marker.exists()
+
+    write_nvidia_pkl(tmp_path / "good.pkl", sd, w_avg)
+    data = (tmp_path / "good.pkl").read_bytes()
+    (tmp_path / "cut.pkl").write_bytes(data[: len(data) // 2])
+    _expect_error(tmp_path / "cut.pkl", "truncated or corrupt")
+
+    write_nvidia_pkl(tmp_path / "cond.pkl", sd, w_avg, c_dim=10)
+    _expect_error(tmp_path / "cond.pkl", "bad NVIDIA checkpoint", "class-conditional")
+
+    broken = nvidia_g_ema(sd, w_avg)
+    del broken["synthesis.b8.conv0.affine.bias"]
+    G = nvidia_network(broken, {})
+    (tmp_path / "missing.pkl").write_bytes(pickle.dumps({"G_ema": G}))
+    _expect_error(tmp_path / "missing.pkl", "bad NVIDIA checkpoint", "missing key 'synthesis.b8.conv0.affine.bias'")
+
+    sg3 = nvidia_network({"synthesis.input.weight": torch.zeros(4, 2), "synthesis.L0_36_512.weight": torch.zeros(2),
+                          "mapping.fc0.weight": torch.zeros(64, 64)}, {})
+    (tmp_path / "sg3.pkl").write_bytes(pickle.dumps({"G_ema": sg3}))
+    _expect_error(tmp_path / "sg3.pkl", "StyleGAN3 is not supported")
+
+    (tmp_path / "nog.pkl").write_bytes(pickle.dumps({"training_set_kwargs": EasyDict(path="x"), "D": None}))
+    _expect_error(tmp_path / "nog.pkl", "no 'G_ema' generator")
+
+    # a TensorFlow-era pickle (dnnlib.tflib.network.Network), never loaded
+    (tmp_path / "tf.pkl").write_bytes(_pickle_global("dnnlib.tflib.network", "Network") + b".")
+    _expect_error(tmp_path / "tf.pkl", "TensorFlow StyleGAN2 pickle", "legacy.py")
 
 
 # ----------------------------------------------------------------------------------------- CLI

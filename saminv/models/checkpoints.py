@@ -1,4 +1,5 @@
-"""Convert rosinality (stylegan2-pytorch) ``.pt`` checkpoints into saminv models.
+"""Convert StyleGAN2 checkpoints into saminv models: rosinality (stylegan2-pytorch) ``.pt`` files here,
+NVIDIA stylegan2-ada-pytorch ``.pkl`` network pickles through :mod:`saminv.models.nvidia_pickle`.
 
 A rosinality checkpoint is a dict saved with ``torch.save``: ``g_ema`` (the generator state dict,
 required), optionally ``latent_avg`` [w_dim] (written by ``convert_weight.py``), ``args`` (an
@@ -23,8 +24,8 @@ and inside a layer: ``conv.weight`` [1, O, I, k, k] -> ``conv.weight`` [O, I, k,
 checked to be the standard [1, 3, 3, 1] filter and dropped.
 
 Loading never executes code from the file: ``torch.load(weights_only=True)`` with exactly one
-extra allowed class, ``argparse.Namespace``. Every problem is an :class:`InputError` whose message
-is one line naming the file.
+extra allowed class, ``argparse.Namespace`` (NVIDIA pickles: :class:`~saminv.models.nvidia_pickle.SafeUnpickler`).
+Every problem is an :class:`InputError` whose message is one line naming the file.
 """
 
 from __future__ import annotations
@@ -32,13 +33,15 @@ from __future__ import annotations
 import argparse
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
 
 from saminv.errors import InputError
+from saminv.models import nvidia_pickle
 from saminv.models.model_dir import Model, WPrior, file_sha256
 from saminv.models.stylegan2 import Generator, GeneratorConfig
 
@@ -47,7 +50,6 @@ ROSINALITY_CHANNEL_MULTIPLIER = 2  # rosinality's default; only used when the sh
 ROSINALITY_CHANNEL_MAX = 512  # channels at 4..32 px; above, 16384 * channel_multiplier / res
 
 _STANDARD_BLUR = torch.outer(torch.tensor([1.0, 3, 3, 1]), torch.tensor([1.0, 3, 3, 1])) / 16  # sum 4
-_NVIDIA_MARKERS = (b"G_ema", b"dnnlib", b"torch_utils")
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = 0x80
 
@@ -67,6 +69,24 @@ _TORGB = {  # rosinality ToRGB suffix -> saminv ToRGB suffix
 
 
 # --------------------------------------------------------------------------------------- key map
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """How a checkpoint's generator state dict maps onto saminv's :class:`Generator`.
+
+    ``keys``: checkpoint key -> saminv key (every saminv key but ``mapping.w_avg`` is the image of one);
+    ``filters``: weightless resampling buffers with their expected (standard) value, checked and dropped;
+    ``source_shape(key, saminv_shape)``: the shape the checkpoint tensor must have (the rest is a reshape)."""
+
+    keys: Mapping[str, str]
+    filters: Mapping[str, Tensor]
+    source_shape: Callable[[str, torch.Size], tuple[int, ...]]
+
+
+def rosinality_layout(cfg: GeneratorConfig) -> KeyLayout:
+    """The :class:`KeyLayout` of a rosinality ``g_ema`` for ``cfg``."""
+    return KeyLayout(key_map(cfg.num_blocks, cfg.n_mapping), blur_keys(cfg.num_blocks), _source_shape)
 
 
 def key_map(num_blocks: int, n_mlp: int) -> dict[str, str]:
@@ -191,30 +211,28 @@ def _shape_of(sd: Mapping[str, Any], key: str, ndim: int) -> tuple[int, ...]:
 # ------------------------------------------------------------------------------------ conversion
 
 
-def convert_state_dict(sd: Mapping[str, Any], G: Generator) -> dict[str, Tensor]:
-    """Rename and reshape a ``g_ema`` state dict into the layout of ``G`` (float32, without
-    ``mapping.w_avg``). Raises ValueError naming the key for a missing or unexpected key, a wrong
-    shape (against ``G``), a non-float tensor or a non-standard blur kernel."""
+def convert_state_dict(sd: Mapping[str, Any], G: Generator, layout: KeyLayout) -> dict[str, Tensor]:
+    """Rename and reshape a checkpoint's generator state dict into the layout of ``G`` (float32; with
+    ``mapping.w_avg`` only when ``layout`` maps a key onto it). Raises ValueError naming the key for a missing
+    or unexpected key, a wrong shape (against ``G``), a non-float tensor or a non-standard filter."""
     cfg = G.cfg
     expected = {k: v.shape for k, v in G.state_dict().items()}
-    mapping = key_map(cfg.num_blocks, cfg.n_mapping)
-    blurs = blur_keys(cfg.num_blocks)
-    unexpected = sorted(set(sd) - set(mapping) - set(blurs))
+    unexpected = sorted(set(sd) - set(layout.keys) - set(layout.filters))
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise ValueError(f"unexpected key {unexpected[0]!r}{more}")
-    for key, kernel in blurs.items():
+    for key, kernel in layout.filters.items():
         t = sd.get(key)
         if not isinstance(t, Tensor):
             raise ValueError(f"missing key {key!r}")
         if t.shape != kernel.shape or not torch.allclose(t.float(), kernel, atol=1e-6):
-            raise ValueError(f"key {key!r} is not the standard [1, 3, 3, 1] blur kernel")
+            raise ValueError(f"key {key!r} is not the standard [1, 3, 3, 1] filter")
     out = {}
-    for src, dst in mapping.items():
+    for src, dst in layout.keys.items():
         t = sd.get(src)
         if not isinstance(t, Tensor):
             raise ValueError(f"missing key {src!r}")
-        want = _source_shape(src, expected[dst])
+        want = layout.source_shape(src, expected[dst])
         if tuple(t.shape) != want:
             raise ValueError(f"key {src!r} has shape {list(t.shape)}, expected {list(want)} "
                              f"(inferred {_describe(cfg)})")
@@ -222,7 +240,7 @@ def convert_state_dict(sd: Mapping[str, Any], G: Generator) -> dict[str, Tensor]
             raise ValueError(f"key {src!r} has dtype {t.dtype}, expected a float tensor")
         out[dst] = t.detach().reshape(expected[dst]).float()
     missing = set(expected) - set(out) - {"mapping.w_avg"}
-    assert not missing, missing  # key_map covers Generator exactly
+    assert not missing, missing  # each layout covers Generator exactly
     return out
 
 
@@ -234,27 +252,27 @@ def _describe(cfg: GeneratorConfig) -> str:
 # --------------------------------------------------------------------------------------- loading
 
 
-def _load_pickle(path: Path) -> Any:
-    """``torch.load`` the file without running code (``weights_only=True``, plus
-    ``argparse.Namespace``); InputError for anything it refuses or cannot read."""
+def _read_head(path: Path) -> bytes:
+    """The first MiB of the checkpoint; InputError when it is missing or empty."""
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found (not a file)")
     with open(path, "rb") as f:
         head = f.read(1 << 20)
     if not head:
         raise InputError(f"{path}: checkpoint file is empty")
+    return head
+
+
+def _load_pickle(path: Path, head: bytes) -> Any:
+    """``torch.load`` the file without running code (``weights_only=True``, plus
+    ``argparse.Namespace``); InputError for anything it refuses or cannot read."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # e.g. "Detected pickle protocol 4"
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError, ...)
-        msg = str(e)
         is_pickle = head[0] == _PICKLE_PROTO
-        nvidia = any(m in head for m in _NVIDIA_MARKERS) or re.search(r"\b(dnnlib|torch_utils)\.", msg)
-        if is_pickle and nvidia:
-            raise InputError(f"{path}: NVIDIA .pkl checkpoints are not supported yet; "
-                             "use a rosinality stylegan2-pytorch .pt") from None
-        glob = re.search(r"GLOBAL ([\w.]+)", msg)
+        glob = re.search(r"GLOBAL ([\w.]+)", str(e))
         if glob and not glob.group(1).startswith("torch."):  # a torch.* one: a cut-off torch file
             raise InputError(f"{path}: unknown checkpoint format (a pickle that needs the Python "
                              f"object {glob.group(1)}; refusing to run code from it)") from None
@@ -265,28 +283,17 @@ def _load_pickle(path: Path) -> Any:
 
 
 def _reason(e: Exception) -> str:
-    """A short one-line summary of a ``torch.load`` error."""
+    """A short one-line summary of a loading error."""
     msg = str(e).split("WeightsUnpickler error:")[-1].strip()
     line = msg.splitlines()[0] if msg else type(e).__name__
     line = line.split(". ")[0].rstrip(".")
     return line if len(line) <= 120 else line[:117] + "..."
 
 
-def convert_checkpoint(path: Path) -> Model:
-    """Read a rosinality StyleGAN2 ``.pt`` and return the equivalent saminv :class:`Model`.
-
-    The generator renders the same images as rosinality's ``g_ema`` (with
-    ``randomize_noise=False`` <-> ``noise_mode="const"``). ``w_avg`` [w_dim] is ``latent_avg``
-    when present, else :meth:`Generator.mean_w`; the W prior is :meth:`WPrior.estimate`.
-    ``meta`` = ``{"name": stem, "source": {"format": "rosinality", "file", "sha256",
-    "channel_multiplier", "w_avg": "latent_avg" | "estimated"}}``.
-
-    Raises InputError (one line naming the file) when the file is missing or empty, truncated or
-    corrupt, a pickle needing other classes (NVIDIA ``.pkl`` files are recognised), has no
-    ``g_ema``, or has missing / unexpected keys or wrong shapes (the key is named).
-    """
-    path = Path(path)
-    ckpt = _load_pickle(path)
+def _rosinality_generator(path: Path, head: bytes) -> tuple[Generator, dict]:
+    """saminv's generator from a rosinality ``.pt`` (``mapping.w_avg`` from ``latent_avg``, else zeros and
+    ``"w_avg": "estimated"``) and its ``source`` metadata; InputError on anything wrong."""
+    ckpt = _load_pickle(path, head)
     if not isinstance(ckpt, Mapping) or "g_ema" not in ckpt:
         what = f"keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise InputError(f"{path}: not a rosinality StyleGAN2 checkpoint (no 'g_ema' generator; found {what})")
@@ -299,7 +306,7 @@ def convert_checkpoint(path: Path) -> Model:
     try:
         cfg, cm = infer_config(sd, args)
         G = Generator(cfg)
-        tensors = convert_state_dict(sd, G)
+        tensors = convert_state_dict(sd, G, rosinality_layout(cfg))
         if latent_avg is not None:
             if not isinstance(latent_avg, Tensor) or latent_avg.numel() != cfg.w_dim:
                 shape = list(latent_avg.shape) if isinstance(latent_avg, Tensor) else type(latent_avg).__name__
@@ -310,15 +317,60 @@ def convert_checkpoint(path: Path) -> Model:
         G.load_state_dict(tensors, strict=True)
     except ValueError as e:
         raise InputError(f"{path}: bad rosinality checkpoint: {e}") from None
+    return G, {"format": "rosinality", "channel_multiplier": cm,
+               "w_avg": "latent_avg" if latent_avg is not None else "estimated"}
+
+
+def _nvidia_generator(path: Path) -> tuple[Generator, dict]:
+    """saminv's generator from the ``G_ema`` of an NVIDIA stylegan2-ada-pytorch ``.pkl`` (its tracked
+    ``w_avg`` included) and its ``source`` metadata; InputError on anything wrong."""
+    try:
+        ckpt = nvidia_pickle.read_network_pickle(path)
+    except nvidia_pickle.RefusedPickle as e:
+        raise InputError(f"{path}: unsupported NVIDIA pickle ({e})") from None
+    except Exception as e:  # EOFError, ValueError, RuntimeError from a cut-off or corrupt file
+        raise InputError(f"{path}: truncated or corrupt checkpoint ({_reason(e)})") from None
+    g = ckpt.get("G_ema") if isinstance(ckpt, Mapping) else None
+    if not isinstance(g, nvidia_pickle.PersistentObject):
+        what = f"keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise InputError(f"{path}: not an NVIDIA network pickle (no 'G_ema' generator; found {what})")
+    try:
+        sd = g.state_dict()
+        cfg = nvidia_pickle.infer_config(g, sd)
+        G = Generator(cfg)
+        layout = KeyLayout(nvidia_pickle.key_map(cfg.num_blocks, cfg.n_mapping),
+                           nvidia_pickle.filter_keys(cfg.num_blocks), nvidia_pickle.source_shape)
+        G.load_state_dict(convert_state_dict(sd, G, layout), strict=True)
+    except ValueError as e:
+        raise InputError(f"{path}: bad NVIDIA checkpoint: {e}") from None
+    return G, {"format": "nvidia", "w_avg": "w_avg"}
+
+
+def convert_checkpoint(path: Path) -> Model:
+    """Read a StyleGAN2 checkpoint (rosinality ``.pt`` or NVIDIA stylegan2-ada-pytorch ``.pkl``, told apart
+    by content) and return the equivalent saminv :class:`Model`.
+
+    The generator renders the same images as the checkpoint's own (rosinality ``g_ema`` with
+    ``randomize_noise=False``, NVIDIA ``G_ema`` with ``noise_mode="const"``). ``w_avg`` [w_dim] is rosinality's
+    ``latent_avg`` when present (else :meth:`Generator.mean_w`) or NVIDIA's tracked ``mapping.w_avg``; the W
+    prior is :meth:`WPrior.estimate`. ``meta`` = ``{"name": stem, "source": {"format": "rosinality" | "nvidia",
+    "file", "sha256", "w_avg", ...}}``.
+
+    Raises InputError (one line naming the file) when the file is missing or empty, truncated or
+    corrupt, a pickle needing other classes (no code from it is ever run), has no ``g_ema`` / ``G_ema``,
+    or has missing / unexpected keys, wrong shapes (the key is named) or non-finite weights.
+    """
+    path = Path(path)
+    head = _read_head(path)
+    if head[0] == _PICKLE_PROTO and any(m in head for m in nvidia_pickle.PICKLE_MARKERS):
+        G, source = _nvidia_generator(path)
+    else:
+        G, source = _rosinality_generator(path, head)
     G.eval().requires_grad_(False)
-    if latent_avg is None:
+    if source["w_avg"] == "estimated":
         G.mapping.w_avg.copy_(G.mean_w())
     if not all(torch.isfinite(t).all() for t in G.state_dict().values()):
-        raise InputError(f"{path}: bad rosinality checkpoint: weights contain NaN or Inf")
-    meta = {
-        "name": path.stem,
-        "source": {"format": "rosinality", "file": path.name, "sha256": file_sha256(path),
-                   "channel_multiplier": cm,
-                   "w_avg": "latent_avg" if latent_avg is not None else "estimated"},
-    }
+        raise InputError(f"{path}: bad {source['format']} checkpoint: weights contain NaN or Inf")
+    meta = {"name": path.stem, "source": {"format": source.pop("format"), "file": path.name,
+                                          "sha256": file_sha256(path), **source}}
     return Model(G, WPrior.estimate(G), meta=meta)

@@ -15,7 +15,8 @@ optimization regime's predicted maps have their own, one per space (``tau_predic
 predictor regresses the errors of its data set's step budget, not those of the default optimization.
 
 ``--model`` accepts a built-in name (a directory inside ``saminv/builtin``), a model directory or a
-rosinality ``.pt`` (converted once into a cache directory, see :mod:`saminv.models.checkpoints`).
+StyleGAN2 checkpoint (rosinality ``.pt`` or NVIDIA ``.pkl``, converted once into a cache directory, see
+:mod:`saminv.models.checkpoints`).
 """
 
 from __future__ import annotations
@@ -244,7 +245,8 @@ def cache_dir() -> Path:
 
 
 def load_model(spec: str | Path, device: str | torch.device = "cpu") -> Model:
-    """Resolve ``--model``: a built-in name, a model directory, or a rosinality ``.pt``.
+    """Resolve ``--model``: a built-in name, a model directory, or a StyleGAN2 checkpoint (rosinality ``.pt``,
+    NVIDIA ``.pkl``).
 
     A checkpoint is converted on first use into ``$SAMINV_CACHE/models/<sha256[:16]>`` (default
     ``~/.cache/saminv``). Raises InputError with one clear line for anything else.

@@ -57,10 +57,12 @@ def _blur_kernel() -> Tensor:
     return k / k.sum()
 
 
-def fused_leaky_relu(x: Tensor, bias: Tensor) -> Tensor:
-    """StyleGAN's bias + LeakyReLU(0.2) + gain sqrt(2); ``bias`` is [C], added over dim 1."""
+def fused_leaky_relu(x: Tensor, bias: Tensor, clamp: float | None = None) -> Tensor:
+    """StyleGAN's bias + LeakyReLU(0.2) + gain sqrt(2); ``bias`` is [C], added over dim 1; the result
+    clamped to [-clamp, clamp] when ``clamp`` is given (NVIDIA's ``conv_clamp``)."""
     shape = [1, -1] + [1] * (x.ndim - 2)
-    return F.leaky_relu(x + bias.view(shape), 0.2) * _SQRT2
+    x = F.leaky_relu(x + bias.view(shape), 0.2) * _SQRT2
+    return x if clamp is None else x.clamp(-clamp, clamp)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,9 @@ class GeneratorConfig:
     ``channel_base=32768, channel_max=512`` (rosinality's ``channel_multiplier=2``).
     ``feature_blocks`` lists the synthesis blocks whose outputs are SAM latent spaces F_k
     (block ``b`` is F_{2b}); ``None`` selects the default of :func:`default_feature_blocks`.
+    ``conv_clamp`` clamps every synthesis layer's activations and each ToRGB output to
+    [-conv_clamp, conv_clamp], as NVIDIA's stylegan2-ada generators trained with mixed precision do
+    (256 there); ``None`` (rosinality, the official StyleGAN2) clamps nothing.
     """
 
     resolution: int = 64
@@ -81,6 +86,7 @@ class GeneratorConfig:
     channel_base: int = 32768
     channel_max: int = 512
     feature_blocks: tuple[int, ...] | None = None
+    conv_clamp: float | None = None
 
     def __post_init__(self) -> None:
         r = self.resolution
@@ -229,11 +235,14 @@ class ModulatedConv(nn.Module):
 
 
 class StyledConv(nn.Module):
-    """Modulated conv + noise injection + bias + LeakyReLU; holds its const noise [1, 1, r, r]."""
+    """Modulated conv + noise injection + bias + LeakyReLU (clamped to ``clamp``, if any); holds its
+    const noise [1, 1, r, r]."""
 
-    def __init__(self, in_ch: int, out_ch: int, w_dim: int, res: int, up: bool = False) -> None:
+    def __init__(self, in_ch: int, out_ch: int, w_dim: int, res: int, up: bool = False,
+                 clamp: float | None = None) -> None:
         super().__init__()
         self.conv = ModulatedConv(in_ch, out_ch, 3, w_dim, up=up)
+        self.clamp = clamp
         self.noise_strength = nn.Parameter(torch.zeros(1))
         self.bias = nn.Parameter(torch.zeros(out_ch))
         self.register_buffer("noise_const", torch.randn(1, 1, res, res))
@@ -245,19 +254,21 @@ class StyledConv(nn.Module):
             x = x + strength * self.noise_const.to(x.dtype)
         elif noise_mode == "random":
             x = x + strength * torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
-        return fused_leaky_relu(x, self.bias.to(x.dtype))
+        return fused_leaky_relu(x, self.bias.to(x.dtype), self.clamp)
 
 
 class ToRGB(nn.Module):
     """1x1 modulated conv (no demodulation) to RGB, added to the incoming skip image.
 
     ``upsample_skip`` brings the previous block's RGB [N, 3, r/2, r/2] to this block's size (the
-    [1, 3, 3, 1] blur, upfirdn2d up=2); ``forward`` adds this block's RGB to it.
+    [1, 3, 3, 1] blur, upfirdn2d up=2); ``forward`` adds this block's RGB (clamped to ``clamp``, if
+    any) to it.
     """
 
-    def __init__(self, in_ch: int, w_dim: int, up: bool) -> None:
+    def __init__(self, in_ch: int, w_dim: int, up: bool, clamp: float | None = None) -> None:
         super().__init__()
         self.conv = ModulatedConv(in_ch, 3, 1, w_dim, demodulate=False)
+        self.clamp = clamp
         self.bias = nn.Parameter(torch.zeros(3))
         if up:
             self.register_buffer("upsample", (_blur_kernel() * 4).expand(3, 1, 4, 4).clone(), persistent=False)
@@ -273,6 +284,8 @@ class ToRGB(nn.Module):
 
     def forward(self, x: Tensor, w: Tensor, skip: Tensor | None) -> Tensor:
         rgb = self.conv(x.float(), w) + self.bias.view(1, 3, 1, 1)  # ToRGB and the image stay float32
+        if self.clamp is not None:
+            rgb = rgb.clamp(-self.clamp, self.clamp)
         return rgb if skip is None else rgb + skip
 
 
@@ -293,9 +306,10 @@ class SynthesisBlock(nn.Module):
             self.conv0 = None
         else:
             self.const = None
-            self.conv0 = StyledConv(cfg.channels(self.res // 2), out_ch, cfg.w_dim, self.res, up=True)
-        self.conv1 = StyledConv(out_ch, out_ch, cfg.w_dim, self.res)
-        self.torgb = ToRGB(out_ch, cfg.w_dim, up=block > 0)
+            self.conv0 = StyledConv(cfg.channels(self.res // 2), out_ch, cfg.w_dim, self.res, up=True,
+                                    clamp=cfg.conv_clamp)
+        self.conv1 = StyledConv(out_ch, out_ch, cfg.w_dim, self.res, clamp=cfg.conv_clamp)
+        self.torgb = ToRGB(out_ch, cfg.w_dim, up=block > 0, clamp=cfg.conv_clamp)
         self.out_channels = out_ch
 
     def forward(self, x: Tensor | None, skip: Tensor | None, ws: Tensor, noise_mode: NoiseMode,
