@@ -136,11 +136,11 @@ class SafeUnpickler(pickle.Unpickler):
                 raise RefusedPickle(
                     "a TensorFlow StyleGAN2 pickle; convert it to PyTorch first (NVIDIA stylegan2-ada-pytorch "
                     "legacy.py, or rosinality's convert_weight.py)") from None
-            raise RefusedPickle(f"it needs the Python object {module}.{name}; refusing to run code "
-                                         "from it") from None
+            raise RefusedPickle(f"it needs the Python object {module}.{name}; refusing to run code from it"
+                                ) from None
 
 
-def read_network_pickle(path: Path) -> dict:
+def read_network_pickle(path: Path) -> Any:
     """The top-level dict of an NVIDIA network pickle, networks as :class:`PersistentObject`.
 
     Raises :class:`RefusedPickle` (a refused global), other pickle.UnpicklingError / EOFError / ValueError
