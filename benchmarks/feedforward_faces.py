@@ -32,7 +32,7 @@ layer-map and encoder parts also report each group on its own, ``by_group``: ``p
     OMP_NUM_THREADS=2 python benchmarks/feedforward_faces.py [--parts predictor,encoder_predictor,layer_maps,encoder,optimize,latency]
         [--groups photos,faces,nonface_patches] [--nonface-patches 9] [--optimize-photos 6] [--out docs/feedforward_bench.json]
 
-``--out`` updates the parts run in an existing JSON file and keeps the others.
+``--out`` updates the parts run in an existing JSON file and keeps the others (``photos``: every photo some part measured).
 """
 
 from __future__ import annotations
@@ -278,6 +278,8 @@ def main() -> None:
               f"result median {lat['with_evaluation_median_ms']:.1f} ms ({lat['threads']} threads)")
     if args.out:
         kept = json.loads(args.out.read_text()) if args.out.exists() else {}
+        # the parts kept may have measured other photos: "photos" lists every photo some part measured
+        result["photos"] = kept.get("photos", []) + [n for n in result["photos"] if n not in kept.get("photos", [])]
         args.out.write_text(json.dumps({**kept, **result}, indent=2) + "\n")
         print(f"updated {', '.join(k for k in result if k in parts)} in {args.out}")
 
