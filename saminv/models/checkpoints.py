@@ -89,6 +89,12 @@ def rosinality_layout(cfg: GeneratorConfig) -> KeyLayout:
     return KeyLayout(key_map(cfg.num_blocks, cfg.n_mapping), blur_keys(cfg.num_blocks), _source_shape)
 
 
+def nvidia_layout(cfg: GeneratorConfig) -> KeyLayout:
+    """The :class:`KeyLayout` of an NVIDIA ``G_ema`` for ``cfg`` (:mod:`saminv.models.nvidia_pickle`)."""
+    return KeyLayout(nvidia_pickle.key_map(cfg.num_blocks, cfg.n_mapping), nvidia_pickle.filter_keys(cfg.num_blocks),
+                     nvidia_pickle.source_shape)
+
+
 def key_map(num_blocks: int, n_mlp: int) -> dict[str, str]:
     """The ``g_ema`` key -> saminv state-dict key mapping for a generator of ``num_blocks`` blocks
     (resolution ``4 * 2**(num_blocks - 1)``) and ``n_mlp`` mapping layers. Every saminv key except
@@ -338,9 +344,7 @@ def _nvidia_generator(path: Path) -> tuple[Generator, dict]:
         sd = g.state_dict()
         cfg = nvidia_pickle.infer_config(g, sd)
         G = Generator(cfg)
-        layout = KeyLayout(nvidia_pickle.key_map(cfg.num_blocks, cfg.n_mapping),
-                           nvidia_pickle.filter_keys(cfg.num_blocks), nvidia_pickle.source_shape)
-        G.load_state_dict(convert_state_dict(sd, G, layout), strict=True)
+        G.load_state_dict(convert_state_dict(sd, G, nvidia_layout(cfg)), strict=True)
     except ValueError as e:
         raise InputError(f"{path}: bad NVIDIA checkpoint: {e}") from None
     return G, {"format": "nvidia", "w_avg": "w_avg"}
