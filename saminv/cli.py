@@ -67,7 +67,7 @@ def pick_device(device: str) -> str:
 
 @app.command()
 @reports_errors
-def convert(checkpoint: Path = typer.Argument(..., help="StyleGAN2 checkpoint: rosinality .pt (g_ema, latent_avg) or NVIDIA stylegan2-ada-pytorch .pkl (G_ema; read as data, its code never runs)."),
+def convert(checkpoint: Path = typer.Argument(..., help="StyleGAN2 checkpoint: rosinality .pt (g_ema, latent_avg) or NVIDIA .pkl (stylegan2-ada-pytorch G_ema, or the TensorFlow originals' Gs; read as data, their code never runs)."),
             out: Path = typer.Option(..., "--out", help="Model directory to write (must not exist)."),
             ) -> None:
     """Convert a StyleGAN2 checkpoint into a saminv model directory (config.json + weights.safetensors)."""

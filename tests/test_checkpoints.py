@@ -397,6 +397,19 @@ class EasyDict(dict):
     """Stands in for dnnlib.util.EasyDict while writing."""
 
 
+class TFNetwork:
+    """Stands in for the TensorFlow-era dnnlib.tflib.network.Network: pickles its state dict (whose
+    build_module_src NVIDIA's TensorFlow loader exec()s)."""
+
+    __qualname__ = "Network"  # pickled by name as dnnlib.tflib.network.Network (the fixture registers it)
+
+    def __init__(self, state):
+        self.state = state
+
+    def __getstate__(self):
+        return self.state
+
+
 @pytest.fixture
 def nvidia_modules(monkeypatch):
     """Registers stand-ins for NVIDIA's modules so that pickle can name them while writing."""
@@ -404,10 +417,14 @@ def nvidia_modules(monkeypatch):
     persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
     util = types.ModuleType("dnnlib.util")
     util.EasyDict = EasyDict
+    network = types.ModuleType("dnnlib.tflib.network")
+    network.Network = TFNetwork
     monkeypatch.setattr(_reconstruct_persistent_obj, "__module__", "torch_utils.persistence")
     monkeypatch.setattr(EasyDict, "__module__", "dnnlib.util")
+    monkeypatch.setattr(TFNetwork, "__module__", "dnnlib.tflib.network")
     for name, module in {"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": persistence,
-                         "dnnlib": types.ModuleType("dnnlib"), "dnnlib.util": util}.items():
+                         "dnnlib": types.ModuleType("dnnlib"), "dnnlib.util": util,
+                         "dnnlib.tflib": types.ModuleType("dnnlib.tflib"), "dnnlib.tflib.network": network}.items():
         monkeypatch.setitem(sys.modules, name, module)
 
 
@@ -542,6 +559,61 @@ def test_nvidia_pickle_renders_like_rosinality(tmp_path, monkeypatch, nvidia_mod
     assert max_diff(cached.generator.synthesis(ws, noise_mode="const"), ref) <= 1e-3
 
 
+def write_tensorflow_pkl(path, g_ema_sd, w_avg, module_src="class Generator: pass"):
+    """A TensorFlow StyleGAN2 snapshot (G, D, Gs) with rosinality's weights, in the TensorFlow layout that NVIDIA's
+    stylegan2-ada-pytorch legacy.py reads: dense [I, O], conv [k, k, I, O] (upsampling convs' kernels flipped),
+    mod_bias stored minus 1, noise{i} [1, 1, r, r], scalars as numpy float32."""
+    nv = {k: v.numpy() for k, v in nvidia_g_ema(g_ema_sd, w_avg).items()}
+    n_mlp = sum(1 for k in nv if k.startswith("mapping.fc") and k.endswith(".weight"))
+    mapping = [(f"Dense{i}/{p}", nv[f"mapping.fc{i}.{p}"].T.copy() if p == "weight" else nv[f"mapping.fc{i}.{p}"])
+               for i in range(n_mlp) for p in ("weight", "bias")]
+    resolutions = sorted({int(k.split(".")[1][1:]) for k in nv if k.startswith("synthesis.b")})
+    synthesis, noise = [("4x4/Const/const", nv["synthesis.b4.const"][None])], 0
+
+    def modulated(src, dst, flip=False):
+        w = nv[f"{src}.weight"].transpose(2, 3, 1, 0)
+        synthesis.extend([(f"{dst}/weight", (w[::-1, ::-1] if flip else w).copy()),
+                          (f"{dst}/mod_weight", nv[f"{src}.affine.weight"].T.copy()),
+                          (f"{dst}/mod_bias", nv[f"{src}.affine.bias"] - 1), (f"{dst}/bias", nv[f"{src}.bias"])])
+
+    for r in resolutions:
+        for tf_name, conv in ([("Conv", "conv1")] if r == 4 else [("Conv0_up", "conv0"), ("Conv1", "conv1")]):
+            src = f"synthesis.b{r}.{conv}"
+            modulated(src, f"{r}x{r}/{tf_name}", flip=tf_name == "Conv0_up")
+            synthesis.append((f"{r}x{r}/{tf_name}/noise_strength", np.float32(nv[f"{src}.noise_strength"])))
+            synthesis.append((f"noise{noise}", nv[f"{src}.noise_const"][None, None]))
+            noise += 1
+        modulated(f"synthesis.b{r}.torgb", f"{r}x{r}/ToRGB")
+
+    def network(name, variables, components=None, kwargs=None):
+        return TFNetwork(dict(version=4, name=name, static_kwargs=kwargs or {}, components=components or {},
+                              build_module_src=module_src, build_func_name="G_main", variables=variables))
+
+    kwargs = EasyDict(latent_size=int(nv["mapping.fc0.weight"].shape[1]), label_size=0, resolution=resolutions[-1])
+    gs = network("G", [("dlatent_avg", nv["mapping.w_avg"])], {"mapping": network("G_mapping", mapping),
+                                                                "synthesis": network("G_synthesis", synthesis)}, kwargs)
+    path.write_bytes(pickle.dumps((gs, network("D", []), gs), protocol=2))
+
+
+@torch.no_grad()
+def test_tensorflow_pickle_renders_like_rosinality(tmp_path, nvidia_modules, small_ckpt):
+    _, sd = small_ckpt
+    w_avg = torch.randn(64) * 0.1
+    marker = tmp_path / "ran"
+    write_tensorflow_pkl(tmp_path / "stylegan2-tf.pkl", sd, w_avg, module_src=f"open({str(marker)!r}, 'w')")
+    model = convert_checkpoint(tmp_path / "stylegan2-tf.pkl")
+    assert not marker.exists()
+    G = model.generator
+    assert (G.cfg.resolution, G.cfg.w_dim, G.cfg.n_mapping) == (16, 64, 2) and model.meta["source"]["format"] == "nvidia-tf"
+    assert torch.equal(G.mapping.w_avg, w_avg)
+    gen = torch.Generator().manual_seed(9)
+    z = torch.randn(2, 64, generator=gen)
+    assert max_diff(G.mapping(z), ref_mapping(sd, z, 2)) <= 1e-4
+    ws = ref_mapping(sd, torch.randn(2 * G.cfg.n_latent, 64, generator=gen), 2).view(2, G.cfg.n_latent, 64)
+    ref = ref_synthesis(sd, ws)
+    assert 0.1 < ref.std() and max_diff(G.synthesis(ws, noise_mode="const"), ref) <= 1e-3
+
+
 @torch.no_grad()
 def test_nvidia_conv_clamp_is_kept_and_applied(tmp_path, nvidia_modules, small_ckpt):
     """NVIDIA's mixed-precision generators clamp each layer's activations and ToRGB output to conv_clamp."""
@@ -596,9 +668,10 @@ def test_bad_nvidia_pickles(tmp_path, nvidia_modules, small_ckpt):
     (tmp_path / "nog.pkl").write_bytes(pickle.dumps({"training_set_kwargs": EasyDict(path="x"), "D": None}))
     _expect_error(tmp_path / "nog.pkl", "no 'G_ema' generator")
 
-    # a TensorFlow-era pickle (dnnlib.tflib.network.Network), never loaded
-    (tmp_path / "tf.pkl").write_bytes(_pickle_global("dnnlib.tflib.network", "Network") + b".")
-    _expect_error(tmp_path / "tf.pkl", "TensorFlow StyleGAN2 pickle", "legacy.py")
+    write_tensorflow_pkl(tmp_path / "tf.pkl", sd, w_avg)
+    data = (tmp_path / "tf.pkl").read_bytes().replace(b"noise_strength", b"noise_strengtX")
+    (tmp_path / "tf-missing.pkl").write_bytes(data)
+    _expect_error(tmp_path / "tf-missing.pkl", "bad NVIDIA checkpoint", "missing variable 'synthesis/4x4/Conv/noise_strength'")
 
 
 # ----------------------------------------------------------------------------------------- CLI

@@ -328,26 +328,24 @@ def _rosinality_generator(path: Path, head: bytes) -> tuple[Generator, dict]:
 
 
 def _nvidia_generator(path: Path) -> tuple[Generator, dict]:
-    """saminv's generator from the ``G_ema`` of an NVIDIA stylegan2-ada-pytorch ``.pkl`` (its tracked
-    ``w_avg`` included) and its ``source`` metadata; InputError on anything wrong."""
+    """saminv's generator from an NVIDIA network pickle (stylegan2-ada-pytorch ``G_ema``, or a TensorFlow
+    StyleGAN2 ``Gs``; its tracked ``w_avg`` included) and its ``source`` metadata; InputError on anything wrong."""
     try:
         ckpt = nvidia_pickle.read_network_pickle(path)
     except nvidia_pickle.RefusedPickle as e:
         raise InputError(f"{path}: unsupported NVIDIA pickle ({e})") from None
     except Exception as e:  # EOFError, ValueError, RuntimeError from a cut-off or corrupt file
         raise InputError(f"{path}: truncated or corrupt checkpoint ({_reason(e)})") from None
-    g = ckpt.get("G_ema") if isinstance(ckpt, Mapping) else None
-    if not isinstance(g, nvidia_pickle.PersistentObject):
-        what = f"keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, Mapping) else type(ckpt).__name__
-        raise InputError(f"{path}: not an NVIDIA network pickle (no 'G_ema' generator; found {what})")
     try:
-        sd = g.state_dict()
-        cfg = nvidia_pickle.infer_config(g, sd)
+        sd, facts, fmt = nvidia_pickle.generator_state(ckpt)
+        cfg = nvidia_pickle.infer_config(sd, facts)
         G = Generator(cfg)
         G.load_state_dict(convert_state_dict(sd, G, nvidia_layout(cfg)), strict=True)
+    except LookupError as e:
+        raise InputError(f"{path}: not an NVIDIA network pickle ({e})") from None
     except ValueError as e:
         raise InputError(f"{path}: bad NVIDIA checkpoint: {e}") from None
-    return G, {"format": "nvidia", "w_avg": "w_avg"}
+    return G, {"format": fmt, "w_avg": "w_avg"}
 
 
 def convert_checkpoint(path: Path) -> Model:
