@@ -173,6 +173,48 @@ def read_network_pickle(path: Path) -> Any:
         return SafeUnpickler(f).load()
 
 
+# ------------------------------------------------------------------ the generator: tensors and facts
+
+
+@dataclass(frozen=True)
+class GeneratorFacts:
+    """What a network pickle says about its generator beyond the tensors: the synthesis blocks'
+    resolutions (4 px first), their architectures, ``c_dim``, the mapping's learning-rate multiplier and
+    ``conv_clamp``."""
+
+    resolutions: tuple[int, ...]
+    architectures: frozenset[str]
+    c_dim: int = 0
+    mapping_lr_mul: float = 0.01
+    conv_clamp: float | None = None
+
+
+def pytorch_generator(g: PersistentObject) -> tuple[dict[str, Tensor], GeneratorFacts]:
+    """The state dict and facts of a stylegan2-ada-pytorch ``G_ema``: the blocks ``synthesis.b{res}``,
+    ``fc0``'s ``bias_gain`` (= the mapping's lr multiplier) and the first layer's ``conv_clamp``. Raises
+    ValueError when there are no StyleGAN2 blocks (StyleGAN3) or a child is not a network layer."""
+    synthesis = g.submodules().get("synthesis")
+    if not isinstance(synthesis, PersistentObject):
+        raise ValueError("G_ema has no synthesis network")
+    blocks = sorted((int(name[1:]), b) for name, b in synthesis.submodules().items()
+                    if name[:1] == "b" and name[1:].isdigit() and isinstance(b, PersistentObject))
+    if not blocks:
+        kinds = sorted({m.class_name if isinstance(m, PersistentObject) else type(m).__name__
+                        for m in synthesis.submodules().values()})
+        raise ValueError(f"G_ema's synthesis network has no StyleGAN2 blocks b4, b8, ... (found {kinds}; "
+                         "StyleGAN3 is not supported)")
+    mapping = g.submodules().get("mapping")
+    first_fc = mapping.submodules().get("fc0") if isinstance(mapping, PersistentObject) else None
+    layer = blocks[0][1].submodules().get("conv1")
+    clamp = layer.attr("conv_clamp") if isinstance(layer, PersistentObject) else None
+    facts = GeneratorFacts(
+        resolutions=tuple(r for r, _ in blocks), architectures=frozenset(b.attr("architecture", "skip") for _, b in blocks),
+        c_dim=int(g.attr("c_dim", 0) or 0),
+        mapping_lr_mul=float(first_fc.attr("bias_gain", 0.01)) if isinstance(first_fc, PersistentObject) else 0.01,
+        conv_clamp=None if clamp is None else float(clamp))
+    return g.state_dict(), facts
+
+
 # ---------------------------------------------------------------------------- TensorFlow-era pickles
 
 
@@ -231,46 +273,7 @@ def tf_generator(gs: TFNetwork) -> tuple[dict[str, Tensor], GeneratorFacts]:
     return sd, facts
 
 
-# ------------------------------------------------------------------------- G_ema -> saminv layout
-
-
-@dataclass(frozen=True)
-class GeneratorFacts:
-    """What a network pickle says about its generator beyond the tensors: the synthesis blocks'
-    resolutions (4 px first), their architectures, ``c_dim``, the mapping's learning-rate multiplier and
-    ``conv_clamp``."""
-
-    resolutions: tuple[int, ...]
-    architectures: frozenset[str]
-    c_dim: int = 0
-    mapping_lr_mul: float = 0.01
-    conv_clamp: float | None = None
-
-
-def pytorch_generator(g: PersistentObject) -> tuple[dict[str, Tensor], GeneratorFacts]:
-    """The state dict and facts of a stylegan2-ada-pytorch ``G_ema``: the blocks ``synthesis.b{res}``,
-    ``fc0``'s ``bias_gain`` (= the mapping's lr multiplier) and the first layer's ``conv_clamp``. Raises
-    ValueError when there are no StyleGAN2 blocks (StyleGAN3) or a child is not a network layer."""
-    synthesis = g.submodules().get("synthesis")
-    if not isinstance(synthesis, PersistentObject):
-        raise ValueError("G_ema has no synthesis network")
-    blocks = sorted((int(name[1:]), b) for name, b in synthesis.submodules().items()
-                    if name[:1] == "b" and name[1:].isdigit() and isinstance(b, PersistentObject))
-    if not blocks:
-        kinds = sorted({m.class_name if isinstance(m, PersistentObject) else type(m).__name__
-                        for m in synthesis.submodules().values()})
-        raise ValueError(f"G_ema's synthesis network has no StyleGAN2 blocks b4, b8, ... (found {kinds}; "
-                         "StyleGAN3 is not supported)")
-    mapping = g.submodules().get("mapping")
-    first_fc = mapping.submodules().get("fc0") if isinstance(mapping, PersistentObject) else None
-    layer = blocks[0][1].submodules().get("conv1")
-    clamp = layer.attr("conv_clamp") if isinstance(layer, PersistentObject) else None
-    facts = GeneratorFacts(
-        resolutions=tuple(r for r, _ in blocks), architectures=frozenset(b.attr("architecture", "skip") for _, b in blocks),
-        c_dim=int(g.attr("c_dim", 0) or 0),
-        mapping_lr_mul=float(first_fc.attr("bias_gain", 0.01)) if isinstance(first_fc, PersistentObject) else 0.01,
-        conv_clamp=None if clamp is None else float(clamp))
-    return g.state_dict(), facts
+# ------------------------------------------------------------------------------ -> saminv's layout
 
 
 def generator_state(ckpt: Any) -> tuple[dict[str, Tensor], GeneratorFacts, str]:
