@@ -80,7 +80,8 @@ def convert(checkpoint: Path = typer.Argument(..., help="StyleGAN2 checkpoint: r
     save_model(model, out)
     cfg = model.generator.cfg
     typer.echo(f"wrote {out}: {cfg.resolution} px, {cfg.n_latent} w vectors, spaces "
-               f"{', '.join(s.name for s in model.generator.spaces)}")
+               f"{', '.join(s.name for s in model.generator.spaces)}; tau {model.tau} (the paper's default until "
+               f"`saminv calibrate --model {out}`)")
 
 
 @app.command()
