@@ -43,13 +43,13 @@ from torch import Tensor
 from saminv.errors import InputError
 from saminv.models import nvidia_pickle
 from saminv.models.model_dir import Model, WPrior, file_sha256
-from saminv.models.stylegan2 import Generator, GeneratorConfig
+from saminv.models.stylegan2 import Generator, GeneratorConfig, blur_kernel
 
 ROSINALITY_LR_MLP = 0.01  # rosinality's default ``lr_mlp`` (the mapping's lr multiplier)
 ROSINALITY_CHANNEL_MULTIPLIER = 2  # rosinality's default; only used when the shapes do not fix it
 ROSINALITY_CHANNEL_MAX = 512  # channels at 4..32 px; above, 16384 * channel_multiplier / res
 
-_STANDARD_BLUR = torch.outer(torch.tensor([1.0, 3, 3, 1]), torch.tensor([1.0, 3, 3, 1])) / 16  # sum 4
+_STANDARD_BLUR = blur_kernel() * 4  # rosinality stores the upsampling gain in its blur kernels (sum 4)
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = 0x80
 

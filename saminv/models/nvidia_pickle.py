@@ -51,11 +51,11 @@ try:
 except ImportError:  # numpy < 2
     from numpy.core.multiarray import _reconstruct as _numpy_reconstruct, scalar as _numpy_scalar
 
-from saminv.models.stylegan2 import GeneratorConfig
+from saminv.models.stylegan2 import GeneratorConfig, blur_kernel
 
 # an NVIDIA network pickle names one of these early (PyTorch: the persistence hook; TensorFlow era: dnnlib.tflib)
 PICKLE_MARKERS = (b"torch_utils.persistence", b"dnnlib")
-_STANDARD_FILTER = torch.outer(torch.tensor([1.0, 3, 3, 1]), torch.tensor([1.0, 3, 3, 1])) / 64  # sum 1
+_STANDARD_FILTER = blur_kernel()  # NVIDIA resample_filter buffers: [1, 3, 3, 1] outer product, sum 1
 
 
 @dataclass

@@ -50,8 +50,9 @@ that block's ToRGB, and returns the pair that continues."""
 _SQRT2 = math.sqrt(2.0)
 
 
-def _blur_kernel() -> Tensor:
-    """The 4x4 binomial low-pass filter [1, 3, 3, 1] (outer product), normalised to sum 1."""
+def blur_kernel() -> Tensor:
+    """The 4x4 binomial low-pass filter [1, 3, 3, 1] (outer product), normalised to sum 1: StyleGAN2's
+    upfirdn2d resampling filter (NVIDIA stores it as ``resample_filter``; x4 for 2x upsampling)."""
     k = torch.tensor([1.0, 3.0, 3.0, 1.0])
     k = k[:, None] * k[None, :]
     return k / k.sum()
@@ -214,7 +215,7 @@ class ModulatedConv(nn.Module):
         self.up = up
         self.padding = kernel // 2
         if up:
-            self.register_buffer("blur", (_blur_kernel() * 4).expand(out_ch, 1, 4, 4).clone(), persistent=False)
+            self.register_buffer("blur", (blur_kernel() * 4).expand(out_ch, 1, 4, 4).clone(), persistent=False)
 
     def forward(self, x: Tensor, w: Tensor) -> Tensor:
         n, c = x.shape[:2]
@@ -271,7 +272,7 @@ class ToRGB(nn.Module):
         self.clamp = clamp
         self.bias = nn.Parameter(torch.zeros(3))
         if up:
-            self.register_buffer("upsample", (_blur_kernel() * 4).expand(3, 1, 4, 4).clone(), persistent=False)
+            self.register_buffer("upsample", (blur_kernel() * 4).expand(3, 1, 4, 4).clone(), persistent=False)
         else:
             self.upsample = None
 
