@@ -134,7 +134,8 @@ def _parameter(data: Tensor, requires_grad: bool, backward_hooks: Any, *state: A
 
 
 class SafeUnpickler(pickle.Unpickler):
-    """Unpickles NVIDIA network pickles as data; refuses every global not in ``ALLOWED``.
+    """Unpickles NVIDIA network pickles as data (persistent objects, TensorFlow networks, tensors, numpy arrays);
+    refuses every global not in ``ALLOWED``.
 
     Raises :class:`RefusedPickle` naming the refused global."""
 
@@ -165,7 +166,8 @@ class SafeUnpickler(pickle.Unpickler):
 
 
 def read_network_pickle(path: Path) -> Any:
-    """The top-level dict of an NVIDIA network pickle, networks as :class:`PersistentObject`.
+    """The top-level object of an NVIDIA network pickle (stylegan2-ada-pytorch: a dict of :class:`PersistentObject`
+    networks; TensorFlow: a ``(G, D, Gs)`` tuple of :class:`TFNetwork`).
 
     Raises :class:`RefusedPickle` (a refused global), other pickle.UnpicklingError / EOFError / ValueError
     (truncated or corrupt data), RuntimeError (a tensor that ``torch.load`` cannot rebuild)."""
