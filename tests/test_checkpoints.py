@@ -559,7 +559,7 @@ def test_nvidia_pickle_renders_like_rosinality(tmp_path, monkeypatch, nvidia_mod
     assert max_diff(cached.generator.synthesis(ws, noise_mode="const"), ref) <= 1e-3
 
 
-def write_tensorflow_pkl(path, g_ema_sd, w_avg, module_src="class Generator: pass"):
+def write_tensorflow_pkl(path, g_ema_sd, w_avg, module_src="class Generator: pass", **static_kwargs):
     """A TensorFlow StyleGAN2 snapshot (G, D, Gs) with rosinality's weights, in the TensorFlow layout that NVIDIA's
     stylegan2-ada-pytorch legacy.py reads: dense [I, O], conv [k, k, I, O] (upsampling convs' kernels flipped),
     mod_bias stored minus 1, noise{i} [1, 1, r, r], scalars as numpy float32."""
@@ -589,7 +589,8 @@ def write_tensorflow_pkl(path, g_ema_sd, w_avg, module_src="class Generator: pas
         return TFNetwork(dict(version=4, name=name, static_kwargs=kwargs or {}, components=components or {},
                               build_module_src=module_src, build_func_name="G_main", variables=variables))
 
-    kwargs = EasyDict(latent_size=int(nv["mapping.fc0.weight"].shape[1]), label_size=0, resolution=resolutions[-1])
+    kwargs = EasyDict(latent_size=int(nv["mapping.fc0.weight"].shape[1]), label_size=0, resolution=resolutions[-1],
+                      **static_kwargs)
     gs = network("G", [("dlatent_avg", nv["mapping.w_avg"])], {"mapping": network("G_mapping", mapping),
                                                                 "synthesis": network("G_synthesis", synthesis)}, kwargs)
     path.write_bytes(pickle.dumps((gs, network("D", []), gs), protocol=2))
@@ -612,6 +613,10 @@ def test_tensorflow_pickle_renders_like_rosinality(tmp_path, nvidia_modules, sma
     ws = ref_mapping(sd, torch.randn(2 * G.cfg.n_latent, 64, generator=gen), 2).view(2, G.cfg.n_latent, 64)
     ref = ref_synthesis(sd, ws)
     assert 0.1 < ref.std() and max_diff(G.synthesis(ws, noise_mode="const"), ref) <= 1e-3
+    assert G.cfg.conv_clamp is None
+
+    write_tensorflow_pkl(tmp_path / "ada-tf.pkl", sd, w_avg, conv_clamp=256)  # stylegan2-ada's TensorFlow networks
+    assert convert_checkpoint(tmp_path / "ada-tf.pkl").generator.cfg.conv_clamp == 256.0
 
 
 @torch.no_grad()

@@ -232,7 +232,8 @@ def tf_generator(gs: TFNetwork) -> tuple[dict[str, Tensor], GeneratorFacts]:
     ``Gs`` network, converted as NVIDIA's stylegan2-ada-pytorch ``legacy.py`` does: dense weights [I, O]
     transposed, conv weights [k, k, I, O] -> [O, I, k, k] with the upsampling convs' kernels flipped (TF
     runs them as a transposed conv), ``mod_bias + 1``, ``synthesis/noise{i}`` [1, 1, r, r] -> [r, r] (layer
-    ``i`` in order), ``dlatent_avg`` -> ``mapping.w_avg``. Raises ValueError naming a missing variable or an
+    ``i`` in order), ``dlatent_avg`` -> ``mapping.w_avg``; ``static_kwargs`` give ``label_size``, ``mapping_lrmul``,
+    ``architecture``, ``resample_kernel`` and ``conv_clamp``. Raises ValueError naming a missing variable or an
     unsupported setting (version < 4, conditional, ``orig`` architecture, another resample kernel)."""
     if int(gs.get("version", 0)) < 4:
         raise ValueError(f"TensorFlow network version {gs.get('version')} (< 4: not StyleGAN2)")
@@ -270,8 +271,10 @@ def tf_generator(gs: TFNetwork) -> tuple[dict[str, Tensor], GeneratorFacts]:
             noise += 1
         if architecture == "skip":
             modulated(f"{src}/ToRGB", f"{dst}.torgb")
+    clamp = kwargs.get("conv_clamp")  # stylegan2-ada's TensorFlow networks may set it
     facts = GeneratorFacts(resolutions=tuple(resolutions), architectures=frozenset({architecture}),
-                           c_dim=int(kwargs.get("label_size", 0)), mapping_lr_mul=float(kwargs.get("mapping_lrmul", 0.01)))
+                           c_dim=int(kwargs.get("label_size", 0)), mapping_lr_mul=float(kwargs.get("mapping_lrmul", 0.01)),
+                           conv_clamp=None if clamp is None else float(clamp))
     return sd, facts
 
 
