@@ -56,8 +56,6 @@ def nvidia_generator(resolution: int, channel_base: int, channel_max: int, conv_
 class Network:
     """Pickles as the TensorFlow-era ``dnnlib.tflib.network.Network`` (its state dict)."""
 
-    __qualname__ = "Network"
-
     def __init__(self, state: dict) -> None:
         self.state = state
 

@@ -89,10 +89,12 @@ def rosinality_layout(cfg: GeneratorConfig) -> KeyLayout:
     return KeyLayout(key_map(cfg.num_blocks, cfg.n_mapping), blur_keys(cfg.num_blocks), _source_shape)
 
 
-def nvidia_layout(cfg: GeneratorConfig) -> KeyLayout:
-    """The :class:`KeyLayout` of an NVIDIA ``G_ema`` for ``cfg`` (:mod:`saminv.models.nvidia_pickle`)."""
-    return KeyLayout(nvidia_pickle.key_map(cfg.num_blocks, cfg.n_mapping), nvidia_pickle.filter_keys(cfg.num_blocks),
-                     nvidia_pickle.source_shape)
+def nvidia_layout(cfg: GeneratorConfig, resample_filters: bool = True) -> KeyLayout:
+    """The :class:`KeyLayout` of an NVIDIA ``G_ema`` for ``cfg`` (:mod:`saminv.models.nvidia_pickle`); without
+    ``resample_filters`` for TensorFlow networks, which store no filter buffers (their ``resample_kernel`` setting
+    is checked by :func:`~saminv.models.nvidia_pickle.tf_generator`)."""
+    filters = nvidia_pickle.filter_keys(cfg.num_blocks) if resample_filters else {}
+    return KeyLayout(nvidia_pickle.key_map(cfg.num_blocks, cfg.n_mapping), filters, nvidia_pickle.source_shape)
 
 
 def key_map(num_blocks: int, n_mlp: int) -> dict[str, str]:
@@ -340,7 +342,7 @@ def _nvidia_generator(path: Path) -> tuple[Generator, dict]:
         sd, facts, fmt = nvidia_pickle.generator_state(ckpt)
         cfg = nvidia_pickle.infer_config(sd, facts)
         G = Generator(cfg)
-        G.load_state_dict(convert_state_dict(sd, G, nvidia_layout(cfg)), strict=True)
+        G.load_state_dict(convert_state_dict(sd, G, nvidia_layout(cfg, resample_filters=fmt == "nvidia")), strict=True)
     except LookupError as e:
         raise InputError(f"{path}: not an NVIDIA network pickle ({e})") from None
     except ValueError as e:

@@ -228,7 +228,8 @@ def _tf_tensor(tf: dict[str, np.ndarray], name: str) -> Tensor:
 
 
 def tf_generator(gs: TFNetwork) -> tuple[dict[str, Tensor], GeneratorFacts]:
-    """The ``G_ema`` state dict (NVIDIA's PyTorch names, :func:`key_map`) and facts of a TensorFlow StyleGAN2
+    """The ``G_ema`` state dict (NVIDIA's PyTorch names, :func:`key_map`; TensorFlow stores no ``resample_filter``
+    buffers) and facts of a TensorFlow StyleGAN2
     ``Gs`` network, converted as NVIDIA's stylegan2-ada-pytorch ``legacy.py`` does: dense weights [I, O]
     transposed, conv weights [k, k, I, O] -> [O, I, k, k] with the upsampling convs' kernels flipped (TF
     runs them as a transposed conv), ``mod_bias + 1``, ``synthesis/noise{i}`` [1, 1, r, r] -> [r, r] (layer
@@ -260,14 +261,12 @@ def tf_generator(gs: TFNetwork) -> tuple[dict[str, Tensor], GeneratorFacts]:
     noise = 0
     for r in resolutions:
         src, dst = f"synthesis/{r}x{r}", f"synthesis.b{r}"
-        sd[f"{dst}.resample_filter"] = _STANDARD_FILTER
         if r == 4:
             sd[f"{dst}.const"] = _tf_tensor(tf, f"{src}/Const/const")[0]
         for name, conv in ((("Conv", "conv1"),) if r == 4 else (("Conv0_up", "conv0"), ("Conv1", "conv1"))):
             modulated(f"{src}/{name}", f"{dst}.{conv}", flip=name == "Conv0_up")
             sd[f"{dst}.{conv}.noise_strength"] = _tf_tensor(tf, f"{src}/{name}/noise_strength").reshape(())
             sd[f"{dst}.{conv}.noise_const"] = _tf_tensor(tf, f"synthesis/noise{noise}")[0, 0]
-            sd[f"{dst}.{conv}.resample_filter"] = _STANDARD_FILTER
             noise += 1
         if architecture == "skip":
             modulated(f"{src}/ToRGB", f"{dst}.torgb")
