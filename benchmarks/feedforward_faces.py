@@ -11,9 +11,13 @@ layer-map and encoder parts also report each group on its own, ``by_group``: ``p
   optimizations with the data set's step budget, or single-space encoder passes), and the share of
   pixels whose layer map agrees at the measured maps' tau (like with like: both maps on the data set's
   error scale); the same two scores for the maps measured on the mirrored photos, mirrored back, against
-  the measured ones (``mirrored_measurement``: the measurement's own stability, a ceiling for any
-  predictor; it doubles the optimization regime's cost); for the encoder regime also the scores of the
-  predicted maps anchored to the measured W+ error (what encoder mode uses);
+  the measured ones (``mirrored_measurement``: the measurement's repeatability rho; it doubles the
+  optimization regime's cost), with ``attainable`` = sqrt(rho), the Spearman against one measurement of
+  a predictor that knew the part both measurements share exactly (correction for attenuation: rho
+  itself understates it), and the predictor's Spearman against the mean of both measurements
+  (``vs_mean_of_both``: above its score against one when measurement noise holds it down); for the
+  encoder regime also the scores of the predicted maps anchored to the measured W+ error (what encoder
+  mode uses);
 * ``layer_maps`` the optimization regime's layer maps as ``saminv invert --maps measured|predicted`` makes them:
   measured maps after the default optimization (``--steps``) cut at ``tau``; optimize mode's predicted maps,
   anchored to the measured W+ map and cut at ``anchored_taus``; hybrid mode's predicted maps alone, cut at
@@ -120,9 +124,13 @@ def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8
 
     def scores(rows: list[dict]) -> dict:
         out = predictor_scores(rows, names)
-        # measured maps vs those measured on the mirrored photos (a noise ceiling for any predictor)
+        # measured maps vs those measured on the mirrored photos: the measurement's repeatability rho
         mirrored = predictor_scores(rows, names, "mirrored")
+        rho = mirrored["spearman"]
         out["mirrored_measurement"] = {k: mirrored[k] for k in ("spearman", "layer_map_agreement")}
+        out["mirrored_measurement"]["attainable"] = {n: float(np.sqrt(max(r, 0.0))) for n, r in rho.items()}
+        both = [{**r, "measured": (r["measured"] + r["mirrored"]) / 2} for r in rows]
+        out["vs_mean_of_both"] = predictor_scores(both, names)["spearman"]
         if regime == "encoder":
             # the predicted maps anchored to the measured W+ error (what encoder mode uses)
             anchored = predictor_scores(rows, names, "anchored")
