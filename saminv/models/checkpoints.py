@@ -351,17 +351,18 @@ def _nvidia_generator(path: Path) -> tuple[Generator, dict]:
 
 
 def convert_checkpoint(path: Path) -> Model:
-    """Read a StyleGAN2 checkpoint (rosinality ``.pt`` or NVIDIA stylegan2-ada-pytorch ``.pkl``, told apart
-    by content) and return the equivalent saminv :class:`Model`.
+    """Read a StyleGAN2 checkpoint (rosinality ``.pt``, or an NVIDIA ``.pkl`` of stylegan2-ada-pytorch or of the
+    TensorFlow originals; told apart by content) and return the equivalent saminv :class:`Model`.
 
     The generator renders the same images as the checkpoint's own (rosinality ``g_ema`` with
-    ``randomize_noise=False``, NVIDIA ``G_ema`` with ``noise_mode="const"``). ``w_avg`` [w_dim] is rosinality's
-    ``latent_avg`` when present (else :meth:`Generator.mean_w`) or NVIDIA's tracked ``mapping.w_avg``; the W
-    prior is :meth:`WPrior.estimate`. ``meta`` = ``{"name": stem, "source": {"format": "rosinality" | "nvidia",
+    ``randomize_noise=False``, NVIDIA ``G_ema`` / TensorFlow ``Gs`` with ``noise_mode="const"``). ``w_avg``
+    [w_dim] is rosinality's ``latent_avg`` when present (else :meth:`Generator.mean_w`) or NVIDIA's tracked
+    ``w_avg`` (TensorFlow: ``dlatent_avg``); the W prior is :meth:`WPrior.estimate`. ``meta`` =
+    ``{"name": stem, "source": {"format": "rosinality" | "nvidia" | "nvidia-tf",
     "file", "sha256", "w_avg", ...}}``.
 
     Raises InputError (one line naming the file) when the file is missing or empty, truncated or
-    corrupt, a pickle needing other classes (no code from it is ever run), has no ``g_ema`` / ``G_ema``,
+    corrupt, a pickle needing other classes (no code from it is ever run), has no ``g_ema`` / ``G_ema`` / ``Gs``,
     or has missing / unexpected keys, wrong shapes (the key is named) or non-finite weights.
     """
     path = Path(path)
