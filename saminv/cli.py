@@ -591,7 +591,12 @@ def train_generator(out: Path = typer.Option(Path("runs/faces64"), help="Run dir
 @reports_errors
 def train_invertibility_data(out: Path = typer.Option(..., help="Data set directory (resumes: existing shards are kept)."),
                              model: str = typer.Option("faces64", help=MODEL_HELP),
-                             images: Optional[list[Path]] = typer.Option(None, help="Your photos or directories, added to the real-photo pool."),
+                             images: Optional[list[Path]] = typer.Option(None, help="Your photos or directories: added to "
+                                                                                     "the pool's real photos, or the images set."),
+                             source: str = typer.Option("pool", help="Which images: pool (DCGAN teacher faces, model samples, "
+                                                                     "real-photo crops, composites), validation-faces (the 36 "
+                                                                     "faces of `make faces`) or images (your --images alone); a "
+                                                                     "set's photos come whole, then as crops."),
                              count: int = typer.Option(1024, min=1, help="Images in the data set."),
                              shard_size: int = typer.Option(8, min=1, help="Images per shard (one inversion batch)."),
                              steps: int = typer.Option(100, min=1, help="Optimization steps per single-space inversion "
@@ -606,13 +611,15 @@ def train_invertibility_data(out: Path = typer.Option(..., help="Data set direct
     """Invert training images in every latent space and store LPIPS error maps (predictor data), in shards."""
     from saminv.imageio import collect_images, load_image
     from saminv.models.model_dir import load_model
-    from saminv.training.invertibility_data import DataConfig, generate_dataset
+    from saminv.training.invertibility_data import PHOTO_SETS, DataConfig, generate_dataset
     from saminv.training.run import process_rank
 
     from saminv.models.model_dir import REGIMES
 
     if regime not in REGIMES:
         raise InputError(f"--regime must be one of {', '.join(REGIMES)}, got {regime!r}")
+    if source not in PHOTO_SETS:
+        raise InputError(f"--source must be one of {', '.join(PHOTO_SETS)}, got {source!r}")
     m = load_model(model)
     env_rank, env_world = process_rank()
     rank, world = env_rank if rank is None else rank, env_world if world is None else world
@@ -620,7 +627,7 @@ def train_invertibility_data(out: Path = typer.Option(..., help="Data set direct
         raise InputError(f"--rank {rank} must lie in [0, --world {world})")
     extra = [load_image(p, 4 * m.generator.cfg.resolution) for p in collect_images(images)] if images else None
     try:
-        written = generate_dataset(m, out, DataConfig(count, shard_size, steps, seed, regime), rank, world, extra)
+        written = generate_dataset(m, out, DataConfig(count, shard_size, steps, seed, regime, source), rank, world, extra)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from None
     typer.echo(f"wrote {len(written)} shards to {out}")
@@ -631,8 +638,9 @@ INTO_HELP = "A built-in name or model directory that receives the weights when t
 
 @train_app.command("predictor")
 @reports_errors
-def train_predictor(data: Path = typer.Option(..., help="A data set from saminv train invertibility-data; its regime "
-                                                         "decides the network: predictor or encoder_predictor."),
+def train_predictor(data: list[Path] = typer.Option(..., help="A data set from saminv train invertibility-data (repeat "
+                                                               "to pool several); its regime decides the network: "
+                                                               "predictor or encoder_predictor."),
                     out: Path = typer.Option(Path("runs/predictor"), help="Run directory (resumes from its checkpoint.pt)."),
                     steps: int = typer.Option(3000, min=1, help="Total steps to reach (a resumed run continues)."),
                     batch: int = typer.Option(16, min=1),
@@ -650,10 +658,10 @@ def train_predictor(data: Path = typer.Option(..., help="A data set from saminv 
 
     target = model_directory(into, "--into") if into else None
     start = None
-    if start_from:
-        other = next(kind for regime, kind in PREDICTORS.items() if regime != data_regime(data))
-        start = load_model(start_from).network(other)
     try:
+        if start_from:
+            other = next(kind for regime, kind in PREDICTORS.items() if regime != data_regime(*data))
+            start = load_model(start_from).network(other)
         run = PredictorTrainer(data, out, PredictorConfig(steps=steps, batch=batch, lr=lr), pick_device(device), start)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from None
@@ -663,7 +671,7 @@ def train_predictor(data: Path = typer.Option(..., help="A data set from saminv 
     kind = PREDICTORS[run.regime]
     typer.echo(f"{kind} at step {run.step} -> {out / 'checkpoint.pt'}")
     if target is not None:
-        save_network(target.path, kind, run.net, {"data": str(data), **run.record()})
+        save_network(target.path, kind, run.net, {"data": ", ".join(map(str, data)), **run.record()})
         typer.echo(f"{kind} weights -> {target.path / (kind + '.safetensors')}")
         if run.regime == "optimization":  # the previous predictor's tau_predicted does not fit the new maps
             from saminv.inversion.calibration import store_tau

@@ -9,8 +9,9 @@ from typer.testing import CliRunner
 from saminv.cli import app
 from saminv.models.model_dir import load_model
 from saminv.photos import face_photo
-from saminv.training.invertibility_data import (SOURCES, DataConfig, ImageSource, generate_dataset, shard_indices,
-                                                training_photos)
+from saminv.imageio import resize_square
+from saminv.training.invertibility_data import (SOURCES, DataConfig, ImageSource, PhotoSetSource, generate_dataset,
+                                                image_source, shard_indices, training_photos)
 
 runner = CliRunner()
 
@@ -69,3 +70,43 @@ def test_shards_resume_and_split_across_ranks(model, tmp_path):
 def test_cli_rank_out_of_range(tmp_path):
     res = runner.invoke(app, ["train", "invertibility-data", "--out", str(tmp_path), "--rank", "2", "--world", "2"])
     assert res.exit_code == 2 and "--rank" in res.output
+
+
+def test_a_photo_set_gives_each_photo_whole_then_pure_crops(model):
+    import skimage.data
+
+    photos = [resize_square(np.asarray(getattr(skimage.data, name)()), 256) for name in ("astronaut", "chelsea", "coffee")]
+    photos.append(resize_square(face_photo("messi"), 256))
+    source = PhotoSetSource(model, photos, "image", seed=0)
+    for i, photo in enumerate(photos):
+        img, name = source.image(i)
+        assert name == "image" and np.array_equal(img, resize_square(photo, 64))
+    crops = [source.image(i)[0] for i in range(4, 12)]  # crops 0-7 take photos 0, 3, 2, 1, 0, 3, 2, 1
+    assert all(c.shape == (64, 64, 3) and c.dtype == np.uint8 for c in crops)
+    assert np.array_equal(PhotoSetSource(model, photos, "image", seed=0).image(9)[0], crops[5])  # pure in (i, seed)
+    assert not np.array_equal(PhotoSetSource(model, photos, "image", seed=1).image(9)[0], crops[5])
+    # a crop covers 75-92 % of its photo: closer to that photo's whole image than to the others'
+    for j, crop in enumerate(crops):
+        unmirrored = crop[:, ::-1] if j % 2 else crop
+        dist = [np.abs(unmirrored.astype(float) - resize_square(p, 64)).mean() for p in photos]
+        assert int(np.argmin(dist)) == (3 * j + 3 * j // 4) % 4
+
+
+def test_photo_set_sources_and_their_bad_settings(model, tmp_path):
+    import skimage.data
+
+    photos = [np.asarray(skimage.data.astronaut())[:256, :256], np.asarray(skimage.data.chelsea())[:300, :300]]
+    written = generate_dataset(model, tmp_path, DataConfig(count=3, shard_size=3, steps=2, source="images"),
+                               extra_photos=photos, progress=False)
+    shard = np.load(written[0])
+    assert list(shard["sources"]) == ["image"] * 3 and np.array_equal(shard["images"][1], resize_square(photos[1], 64))
+    assert json.loads((tmp_path / "info.json").read_text())["source"] == "images"
+    with pytest.raises(ValueError, match="needs --images"):
+        image_source(model, DataConfig(source="images"), None)
+    with pytest.raises(ValueError, match="not the validation faces"):
+        image_source(model, DataConfig(source="validation-faces"), photos)
+    with pytest.raises(ValueError, match="other settings"):  # a pool data set cannot continue a photo set
+        generate_dataset(model, tmp_path, DataConfig(count=3, shard_size=3, steps=2), progress=False)
+    res = runner.invoke(app, ["train", "invertibility-data", "--out", str(tmp_path / "x"), "--source", "ffhq"])
+    assert res.exit_code == 2 and "--source must be one of pool, validation-faces, images" in res.output
+    assert not (tmp_path / "x").exists()

@@ -70,6 +70,23 @@ def test_missing_data_is_reported(tmp_path):
         load_shards(tmp_path)
 
 
+def test_several_data_sets_pool_when_their_spaces_and_regime_agree(data, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    images, errors, _ = load_shards(data)
+    pooled = PredictorTrainer([data, other], tmp_path / "run", PredictorConfig(steps=1))
+    assert np.array_equal(pooled.images, np.concatenate([images, images])) and pooled.regime == "optimization"
+    assert np.array_equal(pooled.errors, np.concatenate([errors, errors]))
+    info = json.loads((other / "info.json").read_text())
+    (other / "info.json").write_text(json.dumps({**info, "regime": "encoder"}))
+    with pytest.raises(ValueError, match="mix regimes"):
+        PredictorTrainer([data, other], tmp_path / "run2", PredictorConfig(steps=1))
+    shard = dict(np.load(other / "shard_00000.npz"))
+    np.savez(other / "shard_00000.npz", **{**shard, "spaces": np.array(["W+", "F2", "F4", "F6", "F10"])})
+    with pytest.raises(ValueError, match="spaces"):
+        load_shards(data, other)
+
+
 def test_start_from_another_predictor_keeps_its_weights_and_this_datas_scale(data, tmp_path):
     start = load_model("faces64").network("encoder_predictor")
     run = PredictorTrainer(data, tmp_path / "a", PredictorConfig(steps=1), start=start)

@@ -7,7 +7,8 @@ CPU), ``encoder`` with the model's trained encoders (one pass per space; seconds
 predictor trained on it (``saminv train predictor``) is that regime's (``predictor`` or
 ``encoder_predictor``). Encoder data must be remade whenever the encoders change.
 
-No large photo collection exists offline, so images come from four sources, picked by item index:
+No large photo collection exists offline, so the default data set (``DataConfig.source`` ``pool``)
+draws from four sources, picked by item index:
 
 * ``teacher``    samples of the DCGAN face teacher (the data faces64 was distilled from);
 * ``generated``  samples of the model itself (well invertible in W+);
@@ -15,8 +16,13 @@ No large photo collection exists offline, so images come from four sources, pick
                  with flips and colour jitter;
 * ``composite``  a teacher face (soft elliptical mask, random scale and place) pasted on a real-photo crop.
 
-The held-out real photos (:func:`saminv.photos.held_out_photos`: the astronaut, six opencv-doc photos
-and lfw_subset's non-face patches 100-199) never enter training; they are the test set of the predictor
+A data set may instead hold one fixed set of square photos (:class:`PhotoSetSource`): ``validation-faces``,
+the 36 real face crops of ``make faces`` (:func:`saminv.photos.validation_faces`; sharp real faces, which
+the pool lacks), or ``images``, the user's ``--images`` alone. ``saminv train predictor`` can train on
+several data sets at once.
+
+The held-out real photos (:func:`saminv.photos.held_out_photos`: the astronaut, six opencv-doc photos,
+the 16 registry faces and lfw_subset's non-face patches 100-199) never enter training; they are the test set of the predictor
 and encoders. All 100 LFW faces (lfw_subset 0-99) are in the training pool. Every item is a pure
 function of (its index, the seed), so shards can be generated in any order, by any number of
 processes, and resumed.
@@ -43,9 +49,10 @@ from saminv.inversion.optimize import InversionConfig
 from saminv.inversion.sam import invert_spaces
 from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import Model
-from saminv.photos import HELD_OUT_OPENCV, LFW_FACES, OPENCV_DATA
+from saminv.photos import HELD_OUT_OPENCV, LFW_FACES, OPENCV_DATA, validation_faces
 
 SOURCES = ("teacher", "generated", "photo", "composite")
+PHOTO_SETS = ("pool", "validation-faces", "images")  # DataConfig.source: the pool of SOURCES or one photo set
 SKIMAGE_TRAIN = ("brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass", "gravel",
                  "horse", "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "retina", "rocket", "text")
 
@@ -59,6 +66,7 @@ class DataConfig:
     steps: int = 100  # optimization steps per single-space inversion (optimization regime)
     seed: int = 0
     regime: str = "optimization"  # or "encoder" (the model's encoders invert)
+    source: str = "pool"  # one of PHOTO_SETS
 
 
 def training_photos(extra: list[np.ndarray] | None = None) -> list[np.ndarray]:
@@ -161,13 +169,54 @@ class ImageSource:
         return _jitter(rng, img) if source in ("photo", "composite") else img, source
 
 
+class PhotoSetSource:
+    """Training images from one fixed set of square H x H x 3 uint8 ``photos``: ``image(i)`` -> (R x R x 3
+    uint8, ``name``). Item i < n (n photos) is photo i whole, resized; item n + j is crop j: photo
+    (3j + floor(3j / n)) mod n (a stride of 3 spreads neighbouring crops over different source pictures,
+    shifted by one each lap), 75-92 % of its side at a random place, mirrored for odd j. The crops' draws come
+    in sequence from ``default_rng(seed)`` and are replayed up to j, so every item is a pure function of
+    (i, seed) and the set may grow."""
+
+    def __init__(self, model: Model, photos: list[np.ndarray], name: str, seed: int = 0) -> None:
+        self.model, self.photos, self.name, self.seed = model, photos, name, seed
+        self.resolution = model.generator.cfg.resolution
+
+    def image(self, i: int) -> tuple[np.ndarray, str]:
+        n = len(self.photos)
+        if i < n:
+            return resize_square(self.photos[i], self.resolution), self.name
+        rng = np.random.default_rng(self.seed)
+        for j in range(i - n + 1):
+            photo = self.photos[(3 * j + 3 * j // n) % n]
+            side = int(photo.shape[0] * rng.uniform(0.75, 0.92))
+            y, x = rng.integers(0, photo.shape[0] - side + 1, 2)
+        img = resize_square(photo[y:y + side, x:x + side], self.resolution)
+        return (img[:, ::-1].copy() if j % 2 else img), self.name
+
+
+def image_source(model: Model, cfg: DataConfig, extra_photos: list[np.ndarray] | None) -> ImageSource | PhotoSetSource:
+    """The images of a data set of ``cfg.source``. Raises ValueError for an unknown source, ``images``
+    without photos, or ``validation-faces`` with photos; InputError before ``make faces``."""
+    if cfg.source == "pool":
+        return ImageSource(model, cfg.seed, extra_photos)
+    if cfg.source == "images":
+        if not extra_photos:
+            raise ValueError("--source images needs --images (your photos)")
+        return PhotoSetSource(model, list(extra_photos), "image", cfg.seed)
+    if cfg.source == "validation-faces":
+        if extra_photos:
+            raise ValueError("--images joins the pool or forms the images set, not the validation faces")
+        return PhotoSetSource(model, validation_faces(), "validation-face", cfg.seed)
+    raise ValueError(f"--source must be one of {', '.join(PHOTO_SETS)}, got {cfg.source!r}")
+
+
 def shard_indices(cfg: DataConfig, rank: int, world: int) -> list[int]:
     """The shard numbers this process (``rank`` of ``world``) generates: every world-th one."""
     n_shards = -(-cfg.count // cfg.shard_size)
     return [k for k in range(n_shards) if k % world == rank]
 
 
-def generate_shard(source: ImageSource, lpips: LPIPS, k: int, cfg: DataConfig, names: list[str]) -> dict:
+def generate_shard(source: ImageSource | PhotoSetSource, lpips: LPIPS, k: int, cfg: DataConfig, names: list[str]) -> dict:
     """Invert the images of shard ``k`` in every space (one batch) and return the arrays of the shard."""
     model = source.model
     start, stop = k * cfg.shard_size, min((k + 1) * cfg.shard_size, cfg.count)
@@ -193,15 +242,17 @@ def generate_dataset(model: Model, out: Path, cfg: DataConfig, rank: int = 0, wo
                      extra_photos: list[np.ndarray] | None = None, progress: bool = True) -> list[Path]:
     """Write this process's missing shards into ``out`` (resumable). Returns the shards it wrote.
 
-    Raises ValueError when ``out`` holds a data set made with other settings."""
+    Raises ValueError when ``out`` holds a data set made with other settings or for a bad ``cfg.source``
+    (:func:`image_source`); InputError for ``validation-faces`` before ``make faces``."""
     if cfg.regime == "encoder":
         model.network("encoders")  # raises InputError before any work when the model has none
+    source = image_source(model, cfg, extra_photos)  # bad settings fail before anything is written
     out.mkdir(parents=True, exist_ok=True)
     names = [s.name for s in model.generator.spaces]
     info = {"model": model.name, "spaces": names, "extra_photos": len(extra_photos or []), **asdict(cfg)}
     info_path = out / "info.json"
     if info_path.is_file():  # a data set may grow (--count), but items must be made the same way
-        existing = {"regime": "optimization", **json.loads(info_path.read_text())}
+        existing = {"regime": "optimization", "source": "pool", **json.loads(info_path.read_text())}
         if {k: v for k, v in existing.items() if k != "count"} != {k: v for k, v in info.items() if k != "count"}:
             raise ValueError(f"{out} holds a data set with other settings ({existing}); use another --out")
     if rank == 0 and (not info_path.is_file() or json.loads(info_path.read_text())["count"] < cfg.count):
@@ -209,7 +260,7 @@ def generate_dataset(model: Model, out: Path, cfg: DataConfig, rank: int = 0, wo
     todo = [k for k in shard_indices(cfg, rank, world) if not (out / f"shard_{k:05d}.npz").is_file()]
     if not todo:
         return []
-    source, lpips = ImageSource(model, cfg.seed, extra_photos), LPIPS()
+    lpips = LPIPS()
     written = []
     for k in tqdm(todo, desc=f"invertibility shards (rank {rank}/{world})", unit="shard", disable=not progress):
         path = out / f"shard_{k:05d}.npz"

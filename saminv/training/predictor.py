@@ -53,38 +53,49 @@ class PredictorConfig:
     seed: int = 0
 
 
-def load_shards(data: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """All shards of a data set: images uint8 [N, R, R, 3], errors float32 [N, S, R, R], space names.
-    Raises FileNotFoundError when ``data`` has no shards."""
-    paths = sorted(Path(data).glob("shard_*.npz"))
-    if not paths:
-        raise FileNotFoundError(f"{data}: no shard_*.npz (make them with saminv train invertibility-data)")
+def load_shards(*data: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """All shards of one or more data sets, in order: images uint8 [N, R, R, 3], errors float32
+    [N, S, R, R], space names. Raises FileNotFoundError when a data set has no shards, ValueError when
+    the data sets' spaces differ."""
     images, errors, spaces = [], [], None
-    for path in paths:
-        with np.load(path) as shard:
-            images.append(shard["images"])
-            errors.append(shard["errors"].astype(np.float32))
-            spaces = [str(s) for s in shard["spaces"]]
+    for directory in data:
+        paths = sorted(Path(directory).glob("shard_*.npz"))
+        if not paths:
+            raise FileNotFoundError(f"{directory}: no shard_*.npz (make them with saminv train invertibility-data)")
+        for path in paths:
+            with np.load(path) as shard:
+                names = [str(s) for s in shard["spaces"]]
+                if spaces is not None and names != spaces:
+                    raise ValueError(f"{path}: spaces {names}, but the data so far has {spaces}")
+                images.append(shard["images"])
+                errors.append(shard["errors"].astype(np.float32))
+                spaces = names
     return np.concatenate(images), np.concatenate(errors), spaces
 
 
-def data_regime(data: Path) -> str:
-    """The inversion regime a data set was made with (``info.json``; data sets older than regimes are
-    optimization data)."""
-    info = Path(data) / "info.json"
-    return json.loads(info.read_text()).get("regime", "optimization") if info.is_file() else "optimization"
+def data_regime(*data: Path) -> str:
+    """The inversion regime one or more data sets were made with (``info.json``; data sets older than
+    regimes are optimization data). Raises ValueError when they differ."""
+    regimes = {json.loads(info.read_text()).get("regime", "optimization") if info.is_file() else "optimization"
+               for info in (Path(d) / "info.json" for d in data)}
+    if len(regimes) > 1:
+        raise ValueError(f"the data sets mix regimes ({', '.join(sorted(regimes))}): a predictor learns one")
+    return regimes.pop()
 
 
 class PredictorTrainer(TrainingRun):
-    """One training run in ``out_dir`` on the data set ``data`` (resumes from its checkpoint)."""
+    """One training run in ``out_dir`` on one data set or several of the same regime and spaces, pooled
+    (``data``; resumes from its checkpoint). Raises FileNotFoundError or ValueError (:func:`load_shards`,
+    :func:`data_regime`) and ValueError for a ``start`` of another shape."""
 
     desc = "predictor"
 
-    def __init__(self, data: Path, out_dir: Path, cfg: PredictorConfig, device: str = "cpu",
+    def __init__(self, data: Path | list[Path], out_dir: Path, cfg: PredictorConfig, device: str = "cpu",
                  start: InvertibilityPredictor | None = None) -> None:
         super().__init__(out_dir, cfg.checkpoint_every, device)
-        self.images, self.errors, self.spaces = load_shards(data)
-        self.regime = data_regime(data)
+        data = [data] if isinstance(data, Path) else data
+        self.images, self.errors, self.spaces = load_shards(*data)
+        self.regime = data_regime(*data)
         self.cfg, self.device, self.total_steps = cfg, device, cfg.steps
         torch.manual_seed(cfg.seed)
         self.net = InvertibilityPredictor(self.spaces).to(device)
