@@ -674,10 +674,16 @@ def train_predictor(data: list[Path] = typer.Option(..., help="A data set from s
         save_network(target.path, kind, run.net, {"data": ", ".join(map(str, data)), **run.record()})
         typer.echo(f"{kind} weights -> {target.path / (kind + '.safetensors')}")
         if run.regime == "optimization":  # the previous predictor's tau_predicted does not fit the new maps
-            from saminv.inversion.calibration import store_tau
+            from saminv.inversion.calibration import rematch_predicted_taus, store_tau
 
-            store_tau(target.path, TAU_KEYS["optimization", "predicted"], None)
-            typer.echo(f"then: saminv calibrate --model {target.path} --maps predicted (its maps' tau, one per space)")
+            key = TAU_KEYS["optimization", "predicted"]
+            rematched = rematch_predicted_taus(load_model(target.path), target.meta.get(f"{key}_calibration"))
+            store_tau(target.path, key, *(rematched or (None,)))
+            if rematched:
+                shown = ", ".join(f"{n} {t:.4f}" for n, t in rematched[0].items())
+                typer.echo(f"{key} = {shown} (matched to the previous calibration's measured pass rates)")
+            else:
+                typer.echo(f"then: saminv calibrate --model {target.path} --maps predicted (its maps' tau, one per space)")
 
 
 @train_app.command("encoder")

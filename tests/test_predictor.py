@@ -100,9 +100,11 @@ def test_start_from_another_predictor_keeps_its_weights_and_this_datas_scale(dat
         PredictorTrainer(data, tmp_path / "c", PredictorConfig(steps=1), start=InvertibilityPredictor(spaces, width=32))
 
 
-def test_cli_trains_into_a_model_directory_then_calibrates_its_maps_tau(data, tmp_path):
-    """A new predictor drops the previous predictor's tau_predicted; `saminv calibrate --maps predicted` then
-    gives one tau per space: the quantile of its per-segment errors at the measured maps' pass rate."""
+def test_cli_trains_into_a_model_directory_then_calibrates_its_maps_tau(data, tmp_path, monkeypatch):
+    """A new predictor drops the previous predictor's tau_predicted when its calibration cannot be matched again
+    (here: the validation faces are not fetched); `saminv calibrate --maps predicted` then gives one tau per space:
+    the quantile of its per-segment errors at the measured maps' pass rate."""
+    monkeypatch.setenv("SAMINV_CACHE", str(tmp_path / "cache"))  # no face archives
     model_dir = tmp_path / "model"
     shutil.copytree(load_model("faces64").path, model_dir)
     before = json.loads((model_dir / "config.json").read_text())
@@ -134,3 +136,26 @@ def test_cli_trains_into_a_model_directory_then_calibrates_its_maps_tau(data, tm
     for s, name in enumerate(names):
         assert taus[name] == pytest.approx(np.quantile(predicted[s], record["measured_pass_rates"][name]), abs=2e-4)
     assert load_model(model_dir).tau_for("optimization", "predicted") == taus
+
+
+def test_a_retrained_predictor_gets_taus_matched_to_the_recorded_pass_rates(data, tmp_path):
+    """`train predictor --into` reuses the measured pass rates of the previous predictor's calibration on a named
+    validation set: the taus equal a full `saminv calibrate --maps predicted` of the new predictor."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(load_model("faces64").path, model_dir)
+    runner = CliRunner()
+    calibrate = ["calibrate", "--model", str(model_dir), "--maps", "predicted", "--validation", "photos", "--steps", "5"]
+    assert runner.invoke(app, calibrate).exit_code == 0
+    first_taus, first = (json.loads((model_dir / "config.json").read_text())[k] for k in ("tau_predicted",
+                                                                                        "tau_predicted_calibration"))
+    assert first["steps"] == 5 and first["validation"] == "saminv.photos.validation_photos"
+    res = runner.invoke(app, ["train", "predictor", "--data", str(data), "--steps", "3", "--batch", "2",
+                              "--out", str(tmp_path / "run"), "--into", str(model_dir)])
+    assert res.exit_code == 0 and "matched to the previous calibration" in res.output, res.output
+    config = json.loads((model_dir / "config.json").read_text())
+    rematched, record = config["tau_predicted"], config["tau_predicted_calibration"]
+    assert record["measured_pass_rates"] == first["measured_pass_rates"] and record["segments"] == first["segments"]
+    assert record["measured"] == "pass rates of the previous calibration"
+    assert runner.invoke(app, calibrate).exit_code == 0  # the full calibration of the new predictor
+    assert json.loads((model_dir / "config.json").read_text())["tau_predicted"] == rematched
+    assert rematched != first_taus  # the new predictor's own errors, not the old taus

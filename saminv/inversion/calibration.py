@@ -16,7 +16,10 @@ W+ 1.7x, F8 4.6x in the median), so one threshold cannot match them all. Each sp
 of the predicted per-segment errors at the share of segments whose measured error (after the default
 optimization, every space) is <= ``tau``: the predicted maps then pass each space on the validation
 photos as often as the measured maps do (quantile matching; W+ gets the median, as ``tau`` does).
-Calibrate ``tau`` first; this costs single-space optimizations in every space.
+Calibrate ``tau`` first; this costs single-space optimizations in every space. Those measured pass rates depend on
+the generator, ``tau``, the photos and the steps, not on the predictor: a retrained predictor's taus are matched again
+to the rates its predecessor's calibration recorded (:func:`rematch_predicted_taus`, seconds instead of 41 minutes
+on faces64's 36 validation faces).
 
 Validation sets (``saminv calibrate --validation``): :func:`saminv.photos.validation_photos` (the default;
 16 crops of real scikit-image photos, no faces, disjoint from the photos that tests and benchmarks evaluate
@@ -52,13 +55,15 @@ def quantile_matched_taus(predicted: np.ndarray, pass_rates: np.ndarray) -> np.n
     return np.array([np.quantile(p, r) for p, r in zip(predicted, pass_rates)])
 
 
-def calibrate_tau(model: Model, lpips: LPIPS, images: list[np.ndarray], steps: int = 200, quantile: float = 0.5,
+def calibrate_tau(model: Model, lpips: LPIPS | None, images: list[np.ndarray], steps: int = 200, quantile: float = 0.5,
                   n_segments: int = 48, progress: bool = False, regime: str = "optimization",
-                  maps: str = "measured") -> tuple[float | dict[str, float], dict]:
+                  maps: str = "measured", pass_rates: dict[str, float] | None = None) -> tuple[float | dict[str, float], dict]:
     """tau for ``maps`` of ``regime`` on ``images`` (R x R x 3 uint8, already at the model's resolution;
     ``steps``: optimization steps): measured maps get the ``quantile`` of the per-segment W+ LPIPS errors
     after that regime's inversion; the optimization predictor's maps get one tau per space name
-    (:func:`quantile_matched_taus` against the measured maps of every space at the model's ``tau``).
+    (:func:`quantile_matched_taus` against the measured maps of every space at the model's ``tau``; with
+    ``pass_rates``, the share of segments per space name whose measured error passes, as an earlier calibration
+    on the same images, steps and tau found them, no inversion runs and ``lpips`` may be None).
     Returns (tau, a record of how it was measured). Raises InputError without the encoders or predictor
     it needs, and for the encoder regime's predicted maps (anchored to the measured W+ error, they use
     the measured maps' ``tau_encoder``)."""
@@ -81,14 +86,16 @@ def calibrate_tau(model: Model, lpips: LPIPS, images: list[np.ndarray], steps: i
     if maps == "predicted":
         names = [s.name for s in model.generator.spaces]
         predicted = pooled(predicted_maps(model, target, names, regime))
-        measured = optimized(names)
         measured_tau = model.tau_for(regime)
-        pass_rates = (measured <= measured_tau).mean(axis=1)
-        taus = quantile_matched_taus(predicted, pass_rates)
+        if pass_rates is None:
+            rates = (optimized(names) <= measured_tau).mean(axis=1)
+        else:  # stored to 4 decimals: the counts of passing segments behind them are exact for < 10,000 segments
+            rates = np.array([round(pass_rates[n] * predicted.shape[1]) / predicted.shape[1] for n in names])
+        taus = quantile_matched_taus(predicted, rates)
         record.update(method=f"per space: quantile of the {PREDICTORS[regime]}'s per-segment errors at the share of "
                              f"segments whose measured error ({steps}-step optimization) is <= tau",
-                      tau=measured_tau, segments=int(measured.shape[1]),
-                      measured_pass_rates={n: round(float(r), 4) for n, r in zip(names, pass_rates)})
+                      tau=measured_tau, steps=steps, segments=int(predicted.shape[1]),
+                      measured_pass_rates={n: round(float(r), 4) for n, r in zip(names, rates)})
         return {n: round(float(t), 5) for n, t in zip(names, taus)}, record
     if regime == "encoder":
         errors = pooled(encoder_error_maps(model, lpips, target, ["W+"]))[0]
@@ -101,6 +108,32 @@ def calibrate_tau(model: Model, lpips: LPIPS, images: list[np.ndarray], steps: i
                   segments=int(errors.size),
                   error_quartiles=[round(float(q), 5) for q in np.quantile(errors, [0.25, 0.5, 0.75])])
     return tau, record
+
+
+def rematch_predicted_taus(model: Model, previous: dict | None) -> tuple[dict[str, float], dict] | None:
+    """``tau_predicted`` for ``model``'s (new) optimization predictor, matched to the measured pass rates of
+    ``previous``, an earlier predictor's ``tau_predicted_calibration`` record (:func:`calibrate_tau`): seconds,
+    no inversion. Returns (taus, record) as :func:`calibrate_tau` does, or None when ``previous`` cannot be
+    reused: none, made at another ``tau``, without its ``steps`` or on photos that cannot be named again (a
+    built-in validation set, :data:`saminv.photos.VALIDATION_SETS`, that has been fetched); or when the
+    photos now give another number of segments."""
+    from saminv.imageio import resize_square
+    from saminv.photos import VALIDATION_SETS
+
+    if not previous or "steps" not in previous or previous.get("tau") != model.meta.get("tau"):
+        return None
+    source = next((f for f in VALIDATION_SETS.values() if previous.get("validation") == f"{f.__module__}.{f.__name__}"), None)
+    if source is None:
+        return None
+    try:
+        photos = [resize_square(p, model.generator.cfg.resolution) for p in source()]
+    except InputError:  # the validation faces before `make faces`
+        return None
+    taus, record = calibrate_tau(model, None, photos, steps=previous["steps"], pass_rates=previous["measured_pass_rates"],
+                                 maps="predicted")
+    if record["segments"] != previous["segments"]:
+        return None
+    return taus, {**record, "validation": previous["validation"], "measured": "pass rates of the previous calibration"}
 
 
 def store_tau(model_dir: Path, key: str, tau: float | dict[str, float] | None, stats: dict | None = None) -> None:
