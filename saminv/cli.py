@@ -611,15 +611,13 @@ def train_invertibility_data(out: Path = typer.Option(..., help="Data set direct
     """Invert training images in every latent space and store LPIPS error maps (predictor data), in shards."""
     from saminv.imageio import collect_images, load_image
     from saminv.models.model_dir import load_model
-    from saminv.training.invertibility_data import PHOTO_SETS, DataConfig, generate_dataset
+    from saminv.training.invertibility_data import DataConfig, generate_dataset
     from saminv.training.run import process_rank
 
     from saminv.models.model_dir import REGIMES
 
     if regime not in REGIMES:
         raise InputError(f"--regime must be one of {', '.join(REGIMES)}, got {regime!r}")
-    if source not in PHOTO_SETS:
-        raise InputError(f"--source must be one of {', '.join(PHOTO_SETS)}, got {source!r}")
     m = load_model(model)
     env_rank, env_world = process_rank()
     rank, world = env_rank if rank is None else rank, env_world if world is None else world
