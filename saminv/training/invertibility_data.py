@@ -23,9 +23,9 @@ several data sets at once.
 
 The held-out real photos (:func:`saminv.photos.held_out_photos`: the astronaut, six opencv-doc photos,
 the 16 registry faces and lfw_subset's non-face patches 100-199) never enter training; they are the test
-set of the predictor and encoders. All 100 LFW faces (lfw_subset 0-99) are in the training pool. Every item is a pure
-function of (its index, the seed), so shards can be generated in any order, by any number of
-processes, and resumed.
+set of the predictor and encoders. All 100 LFW faces (lfw_subset 0-99) are in the training pool. Every
+item is a pure function of (its index, the seed), so shards can be generated in any order, by any number
+of processes, and resumed.
 
 Shards ``shard_<k>.npz`` hold ``images`` uint8 [B, R, R, 3], ``reconstructions`` uint8 [B, S, R, R, 3],
 ``errors`` float16 [B, S, R, R] (LPIPS spatial maps), ``wplus`` float16 [B, n_latent, w_dim] (the W+
