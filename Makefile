@@ -12,8 +12,9 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet --no-deps gan-face-generate==1.1.1
 	$(BIN)/pip install --quiet -e '.[train,dev]'
+	# last, so pip's conflict check never reads its declared (and unwanted) torchvision as an error
+	$(BIN)/pip install --quiet --no-deps gan-face-generate==1.1.1
 	touch $@
 
 demo: install
