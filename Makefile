@@ -9,11 +9,11 @@ DEMO_OUT ?= demo-out
 .PHONY: install demo test faces
 install: $(VENV)/.installed
 
+# gan-face-generate goes last, with --no-deps: pip's conflict check would print an ERROR about the torchvision it declares
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[train,dev]'
-	# last, so pip's conflict check never reads its declared (and unwanted) torchvision as an error
 	$(BIN)/pip install --quiet --no-deps gan-face-generate==1.1.1
 	touch $@
 
