@@ -17,7 +17,11 @@ layer-map and encoder parts also report each group on its own, ``by_group``: ``p
   itself understates it), and the predictor's Spearman against the mean of both measurements
   (``vs_mean_of_both``: above its score against one when measurement noise holds it down); for the
   encoder regime also the scores of the predicted maps anchored to the measured W+ error (what encoder
-  mode uses);
+  mode uses); and ``within_photo``, the mean over photos of each photo's own Spearman (the ranking of the
+  segments inside one photo, which the pooled score mixes with each photo's level). With ``--maps-cache DIR``
+  the measured maps (and mirrored ones) are kept per photo in DIR and read back on the next run, so scoring
+  another predictor of the same generator (a model directory that ``saminv train predictor --into`` wrote)
+  takes seconds instead of the optimizations' half hour;
 * ``layer_maps`` the optimization regime's layer maps as ``saminv invert --maps measured|predicted`` makes them:
   measured maps after the default optimization (``--steps``) cut at ``tau``; optimize mode's predicted maps,
   anchored to the measured W+ map and cut at ``anchored_taus``; hybrid mode's predicted maps alone, cut at
@@ -34,7 +38,8 @@ layer-map and encoder parts also report each group on its own, ``by_group``: ``p
   the inversion alone, and with the PSNR/LPIPS evaluation of its result.
 
     OMP_NUM_THREADS=2 python benchmarks/feedforward_faces.py [--parts predictor,encoder_predictor,layer_maps,encoder,optimize,latency]
-        [--groups photos,faces,nonface_patches] [--nonface-patches 9] [--optimize-photos 6] [--out docs/feedforward_bench.json]
+        [--groups photos,faces,nonface_patches] [--nonface-patches 9] [--optimize-photos 6] [--maps-cache runs/bench-maps]
+        [--out docs/feedforward_bench.json]
 
 ``--out`` updates the parts run in an existing JSON file and keeps the others (``photos``: every photo some part measured).
 """
@@ -42,6 +47,7 @@ layer-map and encoder parts also report each group on its own, ``by_group``: ``p
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -50,7 +56,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from saminv.imageio import resize_square
+from saminv.imageio import atomic_write, file_sha256, resize_square
 from saminv.inversion.feedforward import encode_each_space, encoder_error_maps, predicted_maps
 from saminv.inversion.optimize import InversionConfig
 from saminv.inversion.sam import invert_spaces, sam_invert, to_target
@@ -88,25 +94,71 @@ def predictor_scores(rows: list[dict], names: list[str], predicted: str = "predi
             "spearman": {n: float(spearmanr(m[s], p[s]).statistic) for s, n in enumerate(names)}}
 
 
-def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8) -> dict:
+def measurement_key(model, regime: str, steps: int) -> str:
+    """The ``--maps-cache`` folder of the maps ``regime`` measures with ``model``: they depend on the generator's
+    weights and the step budget (optimization regime) or the encoders' weights (encoder regime), not on
+    the predictor."""
+    digest = hashlib.sha256(file_sha256(Path(model.path) / "weights.safetensors").encode())
+    if regime == "encoder":
+        digest.update(model.meta["encoders"]["sha256"].encode())
+        return f"encoder-{digest.hexdigest()[:16]}"
+    return f"optimization-{steps}steps-{digest.hexdigest()[:16]}"
+
+
+def save_maps(path: Path, measured: np.ndarray, mirrored: np.ndarray) -> None:
+    """One photo's measured maps and those of its mirror image (mirrored back), [S, R, R] float32 each."""
+    with path.open("wb") as f:
+        np.savez(f, measured=measured, mirrored=mirrored)
+
+
+def within_photo_spearman(rows: list[dict], names: list[str]) -> dict[str, float]:
+    """Per space, the mean over photos of the Spearman of one photo's per-segment ``measured`` and ``predicted``
+    errors (photos whose segments all share one value in a space are left out of that space)."""
+    per_photo = np.array([[spearmanr(r["measured"][s], r["predicted"][s]).statistic for s in range(len(names))]
+                          for r in rows])
+    return {n: float(np.nanmean(per_photo[:, s])) for s, n in enumerate(names)}
+
+
+def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8, cache: Path | None = None) -> dict:
     names = [s.name for s in model.generator.spaces]
     tau = model.tau_for(regime)
+    if cache is not None:
+        cache = cache / measurement_key(model, regime, steps)
+        cache.mkdir(parents=True, exist_ok=True)
 
-    def measure(images: torch.Tensor) -> torch.Tensor:
-        """The regime's measured error maps of ``images`` [N, 3, R, R]: [S, N, R, R]."""
+    def measure(images: torch.Tensor) -> np.ndarray:
+        """The regime's measured error maps of ``images`` [N, 3, R, R]: [N, S, R, R]."""
         if regime == "encoder":
-            return encoder_error_maps(model, lpips, images, names).transpose(0, 1)
-        return invert_spaces(model, lpips, images, names, InversionConfig(steps=steps), progress=True).error_maps
+            return encoder_error_maps(model, lpips, images, names).numpy()
+        maps = invert_spaces(model, lpips, images, names, InversionConfig(steps=steps), progress=True).error_maps
+        return maps.transpose(0, 1).numpy()
+
+    def measure_both(chunk: list, targets: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """The measured maps of the photos and those of their mirror images, mirrored back: [N, S, R, R] each;
+        read from the cache where it holds them, measured (and added to it) where not."""
+        files = [cache / f"{name}.npz" if cache is not None else None for name, _ in chunk]
+        todo = [i for i, f in enumerate(files) if f is None or not f.is_file()]
+        measured, mirrored = {}, {}
+        if todo:
+            images = targets[todo]
+            for i, m, mm in zip(todo, measure(images), measure(images.flip(-1))[..., ::-1]):
+                measured[i], mirrored[i] = m, np.ascontiguousarray(mm)
+                if files[i] is not None:
+                    atomic_write(files[i], lambda path: save_maps(path, measured[i], mirrored[i]))
+        for i, f in enumerate(files):
+            if i not in measured:
+                with np.load(f) as cached:
+                    measured[i], mirrored[i] = cached["measured"], cached["mirrored"]
+        return np.stack([measured[i] for i in range(len(chunk))]), np.stack([mirrored[i] for i in range(len(chunk))])
 
     rows = []
     for start in range(0, len(photos), batch):
         chunk = photos[start:start + batch]
         targets = torch.cat([to_target(img) for _, img in chunk])
-        measured = measure(targets)
-        mirrored = measure(targets.flip(-1)).flip(-1)  # the maps of the mirrored photos, mirrored back
+        measured, mirrored = measure_both(chunk, targets)
         predicted = predicted_maps(model, targets, names, regime)
         for i, (name, img) in enumerate(chunk):
-            m, p, mm = measured[:, i].numpy(), predicted[i].numpy(), mirrored[:, i].numpy()
+            m, p, mm = measured[i], predicted[i].numpy(), mirrored[i]
             seg = segment(img)
             measured_labels = layer_map(m, img, tau)
             same = measured_labels == layer_map(p, img, tau)
@@ -131,6 +183,7 @@ def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8
         out["mirrored_measurement"]["attainable"] = {n: float(np.sqrt(max(r, 0.0))) for n, r in rho.items()}
         both = [{**r, "measured": (r["measured"] + r["mirrored"]) / 2} for r in rows]
         out["vs_mean_of_both"] = predictor_scores(both, names)["spearman"]
+        out["within_photo"] = within_photo_spearman(rows, names)
         if regime == "encoder":
             # the predicted maps anchored to the measured W+ error (what encoder mode uses)
             anchored = predictor_scores(rows, names, "anchored")
@@ -250,6 +303,8 @@ def main() -> None:
     ap.add_argument("--hybrid-steps", default="25,50,100,200")
     ap.add_argument("--optimize-photos", type=int, default=6)
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--maps-cache", type=Path, default=None,
+                    help="Keep the predictor parts' measured maps per photo in this folder and reuse them (e.g. runs/bench-maps).")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -264,7 +319,7 @@ def main() -> None:
     for regime, key in (("optimization", "predictor"), ("encoder", "encoder_predictor")):
         if key in parts:
             print(f"{key}: predicted vs measured invertibility maps ({regime} regime)")
-            result[key] = predictor_part(model, lpips, photos, args.measure_steps, regime)
+            result[key] = predictor_part(model, lpips, photos, args.measure_steps, regime, cache=args.maps_cache)
             print(json.dumps(result[key], indent=1))
     if "layer_maps" in parts:
         print("layer maps of the optimization regime: measured (tau) vs predicted (anchored; alone at tau_predicted)")
