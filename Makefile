@@ -9,7 +9,8 @@ DEMO_OUT ?= demo-out
 .PHONY: install demo test faces
 install: $(VENV)/.installed
 
-# gan-face-generate goes last, with --no-deps: pip's conflict check would print an ERROR about the torchvision it declares
+# gan-face-generate goes last, with --no-deps: pip's conflict check would print an ERROR about the
+# torchvision it declares
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0

@@ -304,7 +304,8 @@ def main() -> None:
     ap.add_argument("--optimize-photos", type=int, default=6)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--maps-cache", type=Path, default=None,
-                    help="Keep the predictor parts' measured maps per photo in this folder and reuse them (e.g. runs/bench-maps).")
+                    help="Keep the predictor parts' measured maps per photo in this folder and reuse them "
+                         "(e.g. runs/bench-maps).")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
