@@ -50,6 +50,7 @@ import argparse
 import hashlib
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -96,12 +97,14 @@ def predictor_scores(rows: list[dict], names: list[str], predicted: str = "predi
 
 def measurement_key(model, regime: str, steps: int) -> str:
     """The ``--maps-cache`` folder of the maps ``regime`` measures with ``model``: they depend on the generator's
-    weights and the step budget (optimization regime) or the encoders' weights (encoder regime), not on
-    the predictor."""
+    weights and the optimization's settings (optimization regime, ``InversionConfig`` with ``steps``) or the
+    encoders' weights (encoder regime), not on the predictor. A change to the measuring code itself (LPIPS,
+    the loss) needs a fresh folder."""
     digest = hashlib.sha256(file_sha256(Path(model.path) / "weights.safetensors").encode())
     if regime == "encoder":
         digest.update(model.meta["encoders"]["sha256"].encode())
         return f"encoder-{digest.hexdigest()[:16]}"
+    digest.update(json.dumps(asdict(InversionConfig(steps=steps)), sort_keys=True).encode())
     return f"optimization-{steps}steps-{digest.hexdigest()[:16]}"
 
 
@@ -142,7 +145,7 @@ def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8
         if todo:
             images = targets[todo]
             for i, m, mm in zip(todo, measure(images), measure(images.flip(-1))[..., ::-1]):
-                measured[i], mirrored[i] = m, np.ascontiguousarray(mm)
+                measured[i], mirrored[i] = m, mm
                 if files[i] is not None:
                     atomic_write(files[i], lambda path: save_maps(path, measured[i], mirrored[i]))
         for i, f in enumerate(files):
