@@ -141,18 +141,19 @@ def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8
         read from the cache where it holds them, measured (and added to it) where not."""
         files = [cache / f"{name}.npz" if cache is not None else None for name, _ in chunk]
         todo = [i for i, f in enumerate(files) if f is None or not f.is_file()]
-        measured, mirrored = {}, {}
+        maps = {}  # photo index -> (measured, mirrored), [S, R, R] each
         if todo:
             images = targets[todo]
             for i, m, mm in zip(todo, measure(images), measure(images.flip(-1))[..., ::-1]):
-                measured[i], mirrored[i] = m, mm
+                maps[i] = m, mm
                 if files[i] is not None:
-                    atomic_write(files[i], lambda path: save_maps(path, measured[i], mirrored[i]))
+                    atomic_write(files[i], lambda path: save_maps(path, m, mm))
         for i, f in enumerate(files):
-            if i not in measured:
+            if i not in maps:
                 with np.load(f) as cached:
-                    measured[i], mirrored[i] = cached["measured"], cached["mirrored"]
-        return np.stack([measured[i] for i in range(len(chunk))]), np.stack([mirrored[i] for i in range(len(chunk))])
+                    maps[i] = cached["measured"], cached["mirrored"]
+        measured, mirrored = zip(*(maps[i] for i in range(len(chunk))))
+        return np.stack(measured), np.stack(mirrored)
 
     rows = []
     for start in range(0, len(photos), batch):
