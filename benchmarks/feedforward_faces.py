@@ -18,15 +18,14 @@ layer-map and encoder parts also report each group on its own, ``by_group``: ``p
   (``vs_mean_of_both``: above its score against one when measurement noise holds it down); for the
   encoder regime also the scores of the predicted maps anchored to the measured W+ error (what encoder
   mode uses); and ``within_photo``, the mean over photos of each photo's own Spearman (the ranking of the
-  segments inside one photo, which the pooled score mixes with each photo's level). With ``--maps-cache DIR``
-  the measured maps (and mirrored ones) are kept per photo in DIR and read back on the next run, so scoring
-  another predictor of the same generator (a model directory that ``saminv train predictor --into`` wrote)
-  takes seconds instead of the optimizations' half hour;
+  segments inside one photo, which the pooled score mixes with each photo's level);
 * ``layer_maps`` the optimization regime's layer maps as ``saminv invert --maps measured|predicted`` makes them:
   measured maps after the default optimization (``--steps``) cut at ``tau``; optimize mode's predicted maps,
   anchored to the measured W+ map and cut at ``anchored_taus``; hybrid mode's predicted maps alone, cut at
   ``tau_predicted`` (one per space, their own error scale): pixel agreement with the measured layer map,
-  W+ share;
+  W+ share. With ``--maps-cache DIR`` these three parts keep the measured maps (and mirrored ones) per photo
+  in DIR and read them back on the next run, so scoring another predictor of the same generator (a model
+  directory that ``saminv train predictor --into`` wrote) takes seconds instead of the optimizations' hour;
 * ``encoder``    encoder SAM (encoder-regime predicted masks, W+ and Δf encoders) vs the W+ encoder alone:
   PSNR, LPIPS; encoder SAM with measured encoder maps (what a perfect predictor would give); and the PSNR
   of each single-space encoder inversion (W+, or w+ plus Δf_k everywhere; paper Figure 3's ordering);
@@ -50,6 +49,7 @@ import argparse
 import hashlib
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -95,23 +95,64 @@ def predictor_scores(rows: list[dict], names: list[str], predicted: str = "predi
             "spearman": {n: float(spearmanr(m[s], p[s]).statistic) for s, n in enumerate(names)}}
 
 
-def measurement_key(model, regime: str, steps: int) -> str:
-    """The ``--maps-cache`` folder of the maps ``regime`` measures with ``model``: they depend on the generator's
-    weights and the optimization's settings (optimization regime, ``InversionConfig`` with ``steps``) or the
-    encoders' weights (encoder regime), not on the predictor. A change to the measuring code itself (LPIPS,
-    the loss) needs a fresh folder."""
+def maps_folder(cache: Path | None, model, regime: str, steps: int) -> Path | None:
+    """The folder below ``--maps-cache`` (created; None without a cache) of the maps ``regime`` measures with
+    ``model``: they depend on the generator's weights and the optimization's settings (optimization regime,
+    ``InversionConfig`` with ``steps``) or the encoders' weights (encoder regime), not on the predictor. A
+    change to the measuring code itself (LPIPS, the loss) needs a fresh folder."""
+    if cache is None:
+        return None
     digest = hashlib.sha256(file_sha256(Path(model.path) / "weights.safetensors").encode())
     if regime == "encoder":
         digest.update(model.meta["encoders"]["sha256"].encode())
-        return f"encoder-{digest.hexdigest()[:16]}"
-    digest.update(json.dumps(asdict(InversionConfig(steps=steps)), sort_keys=True).encode())
-    return f"optimization-{steps}steps-{digest.hexdigest()[:16]}"
+        name = f"encoder-{digest.hexdigest()[:16]}"
+    else:
+        digest.update(json.dumps(asdict(InversionConfig(steps=steps)), sort_keys=True).encode())
+        name = f"optimization-{steps}steps-{digest.hexdigest()[:16]}"
+    (cache / name).mkdir(parents=True, exist_ok=True)
+    return cache / name
 
 
-def save_maps(path: Path, measured: np.ndarray, mirrored: np.ndarray) -> None:
-    """One photo's measured maps and those of its mirror image (mirrored back), [S, R, R] float32 each."""
+def measurer(model, lpips, names: list[str], regime: str, steps: int):
+    """The measurement of ``regime``'s error maps in the spaces ``names``, as a function of images [N, 3, R, R]
+    -> maps [N, S, R, R]: single-space optimizations of ``steps`` steps, or single-space encoder passes."""
+    def measure(images: torch.Tensor) -> torch.Tensor:
+        if regime == "encoder":
+            return encoder_error_maps(model, lpips, images, names)
+        cfg = InversionConfig(steps=steps)
+        return invert_spaces(model, lpips, images, names, cfg, progress=True).error_maps.transpose(0, 1)
+    return measure
+
+
+def cached_maps(names: list[str], targets: torch.Tensor, measure, keys: tuple[str, ...],
+                cache: Path | None) -> dict[str, np.ndarray]:
+    """Measured maps of the photos ``names`` (``targets`` [N, 3, R, R]), [N, S, R, R] float32 for each of
+    ``keys``: ``measured`` (``measure(images)`` -> tensor [N, S, R, R]) and ``mirrored`` (measured on the
+    mirror images, mirrored back). With a ``cache`` folder each photo's maps live in ``<photo>.npz``, one
+    array per key: what it holds is read back, the rest measured and added (the file rewritten atomically)."""
+    files = [cache / f"{name}.npz" if cache is not None else None for name in names]
+    maps: list[dict[str, np.ndarray]] = []
+    for f in files:
+        with np.load(f) if f is not None and f.is_file() else nullcontext({}) as held:
+            maps.append({k: held[k] for k in held})
+    added = set()
+    for key in keys:
+        todo = [i for i, m in enumerate(maps) if key not in m]
+        if todo:
+            images = targets[todo].flip(-1) if key == "mirrored" else targets[todo]
+            for i, m in zip(todo, measure(images).numpy()):
+                maps[i][key] = m[..., ::-1].copy() if key == "mirrored" else m
+            added.update(todo)
+    for i in added:
+        if files[i] is not None:
+            atomic_write(files[i], lambda path: save_npz(path, maps[i]))
+    return {k: np.stack([m[k] for m in maps]) for k in keys}
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` (name -> array) as one uncompressed .npz file."""
     with path.open("wb") as f:
-        np.savez(f, measured=measured, mirrored=mirrored)
+        np.savez(f, **arrays)
 
 
 def within_photo_spearman(rows: list[dict], names: list[str]) -> dict[str, float]:
@@ -125,41 +166,15 @@ def within_photo_spearman(rows: list[dict], names: list[str]) -> dict[str, float
 def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8, cache: Path | None = None) -> dict:
     names = [s.name for s in model.generator.spaces]
     tau = model.tau_for(regime)
-    if cache is not None:
-        cache = cache / measurement_key(model, regime, steps)
-        cache.mkdir(parents=True, exist_ok=True)
+    cache = maps_folder(cache, model, regime, steps)
 
-    def measure(images: torch.Tensor) -> np.ndarray:
-        """The regime's measured error maps of ``images`` [N, 3, R, R]: [N, S, R, R]."""
-        if regime == "encoder":
-            return encoder_error_maps(model, lpips, images, names).numpy()
-        maps = invert_spaces(model, lpips, images, names, InversionConfig(steps=steps), progress=True).error_maps
-        return maps.transpose(0, 1).numpy()
-
-    def measure_both(chunk: list, targets: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """The measured maps of the photos and those of their mirror images, mirrored back: [N, S, R, R] each;
-        read from the cache where it holds them, measured (and added to it) where not."""
-        files = [cache / f"{name}.npz" if cache is not None else None for name, _ in chunk]
-        todo = [i for i, f in enumerate(files) if f is None or not f.is_file()]
-        maps = {}  # photo index -> (measured, mirrored), [S, R, R] each
-        if todo:
-            images = targets[todo]
-            for i, m, mm in zip(todo, measure(images), measure(images.flip(-1))[..., ::-1]):
-                maps[i] = m, mm
-                if files[i] is not None:
-                    atomic_write(files[i], lambda path: save_maps(path, m, mm))
-        for i, f in enumerate(files):
-            if i not in maps:
-                with np.load(f) as cached:
-                    maps[i] = cached["measured"], cached["mirrored"]
-        measured, mirrored = zip(*(maps[i] for i in range(len(chunk))))
-        return np.stack(measured), np.stack(mirrored)
-
+    measure = measurer(model, lpips, names, regime, steps)
     rows = []
     for start in range(0, len(photos), batch):
         chunk = photos[start:start + batch]
         targets = torch.cat([to_target(img) for _, img in chunk])
-        measured, mirrored = measure_both(chunk, targets)
+        maps = cached_maps([name for name, _ in chunk], targets, measure, ("measured", "mirrored"), cache)
+        measured, mirrored = maps["measured"], maps["mirrored"]
         predicted = predicted_maps(model, targets, names, regime)
         for i, (name, img) in enumerate(chunk):
             m, p, mm = measured[i], predicted[i].numpy(), mirrored[i]
@@ -198,8 +213,10 @@ def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8
             "tau": tau, **scores(rows), "by_group": by_group(rows, scores)}
 
 
-def layer_maps_part(model, lpips, photos, steps: int, batch: int = 8) -> dict:
+def layer_maps_part(model, lpips, photos, steps: int, batch: int = 8, cache: Path | None = None) -> dict:
     names = [s.name for s in model.generator.spaces]
+    cache = maps_folder(cache, model, "optimization", steps)
+    measure = measurer(model, lpips, names, "optimization", steps)
     tau, tau_predicted = model.tau_for("optimization"), model.tau_for("optimization", "predicted")
     predicted_taus = thresholds(tau_predicted, names)
     anchored = thresholds(anchored_taus(tau, tau_predicted), names)
@@ -207,10 +224,10 @@ def layer_maps_part(model, lpips, photos, steps: int, batch: int = 8) -> dict:
     for start in range(0, len(photos), batch):
         chunk = photos[start:start + batch]
         targets = torch.cat([to_target(img) for _, img in chunk])
-        measured = invert_spaces(model, lpips, targets, names, InversionConfig(steps=steps), progress=True).error_maps
+        measured = cached_maps([name for name, _ in chunk], targets, measure, ("measured",), cache)["measured"]
         predicted = predicted_maps(model, targets, names)
         for i, (name, img) in enumerate(chunk):
-            m = measured[:, i].numpy()
+            m = measured[i]
             labels = {"measured": layer_map(m, img, tau),
                       "anchored": layer_map(predicted[i].numpy(), img, anchored, measured_wplus=m[0]),
                       "predicted": layer_map(predicted[i].numpy(), img, predicted_taus)}
@@ -308,8 +325,8 @@ def main() -> None:
     ap.add_argument("--optimize-photos", type=int, default=6)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--maps-cache", type=Path, default=None,
-                    help="Keep the predictor parts' measured maps per photo in this folder and reuse them "
-                         "(e.g. runs/bench-maps).")
+                    help="Keep the measured maps of the predictor and layer_maps parts per photo in this folder "
+                         "and reuse them (e.g. runs/bench-maps).")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -328,7 +345,7 @@ def main() -> None:
             print(json.dumps(result[key], indent=1))
     if "layer_maps" in parts:
         print("layer maps of the optimization regime: measured (tau) vs predicted (anchored; alone at tau_predicted)")
-        result["layer_maps"] = layer_maps_part(model, lpips, photos, args.steps)
+        result["layer_maps"] = layer_maps_part(model, lpips, photos, args.steps, cache=args.maps_cache)
         print(json.dumps(result["layer_maps"]["mean"], indent=1))
     if "encoder" in parts:
         print("encoder SAM vs W+ encoder")
