@@ -643,6 +643,9 @@ def train_predictor(data: list[Path] = typer.Option(..., help="A data set from s
                     steps: int = typer.Option(3000, min=1, help="Total steps to reach (a resumed run continues)."),
                     batch: int = typer.Option(16, min=1),
                     lr: float = typer.Option(1e-3, help="Learning rate of decoder and heads (backbone: 0.1x)."),
+                    seed: int = typer.Option(0, help="Seed of the batches and their flips, and of the new layers' "
+                                                     "initial weights without --start-from (runs that differ only "
+                                                     "in it show the training's spread)."),
                     device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
                     into: Optional[str] = typer.Option(None, help=INTO_HELP),
                     start_from: Optional[str] = typer.Option(
@@ -660,7 +663,7 @@ def train_predictor(data: list[Path] = typer.Option(..., help="A data set from s
         if start_from:
             other = next(kind for regime, kind in PREDICTORS.items() if regime != data_regime(*data))
             start = load_model(start_from).network(other)
-        run = PredictorTrainer(data, out, PredictorConfig(steps=steps, batch=batch, lr=lr), pick_device(device), start)
+        run = PredictorTrainer(data, out, PredictorConfig(steps=steps, batch=batch, lr=lr, seed=seed), pick_device(device), start)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from None
     if target is not None and run.spaces != [s.name for s in target.generator.spaces]:

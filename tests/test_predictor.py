@@ -159,3 +159,19 @@ def test_a_retrained_predictor_gets_taus_matched_to_the_recorded_pass_rates(data
     assert runner.invoke(app, calibrate).exit_code == 0  # the full calibration of the new predictor
     assert json.loads((model_dir / "config.json").read_text())["tau_predicted"] == rematched
     assert rematched != first_taus  # the new predictor's own errors, not the old taus
+
+
+def test_the_seed_decides_a_runs_batches_and_repeats_it(data, tmp_path):
+    """`saminv train predictor --seed`: the same seed gives the same weights, another seed other batches and so
+    other weights (from the same --start-from); the run's record keeps the seed."""
+    def train(name: str, seed: int) -> dict[str, torch.Tensor]:
+        res = CliRunner().invoke(app, ["train", "predictor", "--data", str(data), "--steps", "2", "--batch", "2",
+                                       "--seed", str(seed), "--start-from", "faces64", "--out", str(tmp_path / name)])
+        assert res.exit_code == 0, res.output
+        state = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+        assert state["config"]["seed"] == seed
+        return state["net"]
+
+    first, again, other = train("a", 0), train("b", 0), train("c", 1)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
