@@ -167,7 +167,6 @@ def predictor_part(model, lpips, photos, steps: int, regime: str, batch: int = 8
     names = [s.name for s in model.generator.spaces]
     tau = model.tau_for(regime)
     cache = maps_folder(cache, model, regime, steps)
-
     measure = measurer(model, lpips, names, regime, steps)
     rows = []
     for start in range(0, len(photos), batch):

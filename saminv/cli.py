@@ -663,7 +663,8 @@ def train_predictor(data: list[Path] = typer.Option(..., help="A data set from s
         if start_from:
             other = next(kind for regime, kind in PREDICTORS.items() if regime != data_regime(*data))
             start = load_model(start_from).network(other)
-        run = PredictorTrainer(data, out, PredictorConfig(steps=steps, batch=batch, lr=lr, seed=seed), pick_device(device), start)
+        cfg = PredictorConfig(steps=steps, batch=batch, lr=lr, seed=seed)
+        run = PredictorTrainer(data, out, cfg, pick_device(device), start)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from None
     if target is not None and run.spaces != [s.name for s in target.generator.spaces]:
