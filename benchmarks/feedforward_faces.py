@@ -145,14 +145,8 @@ def cached_maps(names: list[str], targets: torch.Tensor, measure, keys: tuple[st
             added.update(todo)
     for i in added:
         if files[i] is not None:
-            atomic_write(files[i], lambda path: save_npz(path, maps[i]))
+            atomic_write(files[i], lambda path: np.savez(path, **maps[i]))  # the temp name keeps .npz
     return {k: np.stack([m[k] for m in maps]) for k in keys}
-
-
-def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` (name -> array) as one uncompressed .npz file."""
-    with path.open("wb") as f:
-        np.savez(f, **arrays)
 
 
 def within_photo_spearman(rows: list[dict], names: list[str]) -> dict[str, float]:
