@@ -593,10 +593,11 @@ def train_invertibility_data(out: Path = typer.Option(..., help="Data set direct
                              model: str = typer.Option("faces64", help=MODEL_HELP),
                              images: Optional[list[Path]] = typer.Option(None, help="Your photos or directories: added to "
                                                                                      "the pool's real photos, or the images set."),
-                             source: str = typer.Option("pool", help="Which images: pool (DCGAN teacher faces, model samples, "
-                                                                     "real-photo crops, composites), validation-faces (the 36 "
-                                                                     "faces of `make faces`), nonface-patches (lfw_subset's 90 "
-                                                                     "training background patches) or images (your --images "
+                             source: str = typer.Option("pool", help="Which images: pool (DCGAN teacher faces, model "
+                                                                     "samples, real-photo crops, composites), "
+                                                                     "validation-faces (the 36 faces of `make faces`), "
+                                                                     "nonface-patches (lfw_subset's 90 training "
+                                                                     "background patches) or images (your --images "
                                                                      "alone); a set's photos come whole, then as crops."),
                              count: int = typer.Option(1024, min=1, help="Images in the data set."),
                              shard_size: int = typer.Option(8, min=1, help="Images per shard (one inversion batch)."),

@@ -48,7 +48,8 @@ def test_held_out_photos_never_enter_the_training_pool():
     assert any(p.shape == trained_lfw.shape and np.array_equal(p, trained_lfw) for p in pool)
     held_out_patches = [img for name, img in held_out_photos() if name.startswith("lfw-nonface-")]
     trained_patches = training_nonface_patches()
-    assert len(held_out_patches) == 10 and len(trained_patches) == 90 and np.array_equal(held_out_patches[5], nonface_patch)
+    assert len(held_out_patches) == 10 and len(trained_patches) == 90
+    assert np.array_equal(held_out_patches[5], nonface_patch)
     assert not any(np.array_equal(h, t) for h in held_out_patches for t in trained_patches)  # no patch is in both
 
 
@@ -132,7 +133,8 @@ def test_the_nonface_patch_set_is_the_training_patches_taken_as_images_files(mod
     from saminv.imageio import load_image
 
     patch_set = image_source(model, DataConfig(source="nonface-patches"), None)
-    images_set = image_source(model, DataConfig(source="images"), [load_image(tmp_path / f"patch{i}.png", 256) for i in (0, 89)])
+    pngs = [load_image(tmp_path / f"patch{i}.png", 256) for i in (0, 89)]
+    images_set = image_source(model, DataConfig(source="images"), pngs)
     for i, j in ((0, 0), (89, 1)):
         img, name = patch_set.image(i)
         assert name == "nonface-patch" and img.shape == (64, 64, 3) and np.array_equal(img, images_set.image(j)[0])

@@ -212,7 +212,8 @@ def image_source(model: Model, cfg: DataConfig, extra_photos: list[np.ndarray] |
         raise ValueError(f"--images joins the pool or forms the images set, not the {cfg.source} set")
     if cfg.source == "validation-faces":
         return PhotoSetSource(model, validation_faces(), "validation-face", cfg.seed)
-    r = model.generator.cfg.resolution  # nonface-patches: each patch upscaled as an --images file is (to 4R first)
+    # nonface-patches, each patch upscaled as an --images file is (Lanczos to 4R, then to R)
+    r = model.generator.cfg.resolution
     return PhotoSetSource(model, [resize_square(p, 4 * r) for p in training_nonface_patches()], "nonface-patch",
                           cfg.seed)
 
