@@ -613,7 +613,7 @@ def train_invertibility_data(out: Path = typer.Option(..., help="Data set direct
     """Invert training images in every latent space and store LPIPS error maps (predictor data), in shards."""
     from saminv.imageio import collect_images, load_image
     from saminv.models.model_dir import load_model
-    from saminv.training.invertibility_data import DataConfig, generate_dataset
+    from saminv.training.invertibility_data import PHOTO_LOAD_SCALE, DataConfig, generate_dataset
     from saminv.training.run import process_rank
 
     from saminv.models.model_dir import REGIMES
@@ -625,7 +625,8 @@ def train_invertibility_data(out: Path = typer.Option(..., help="Data set direct
     rank, world = env_rank if rank is None else rank, env_world if world is None else world
     if not 0 <= rank < world:
         raise InputError(f"--rank {rank} must lie in [0, --world {world})")
-    extra = [load_image(p, 4 * m.generator.cfg.resolution) for p in collect_images(images)] if images else None
+    side = PHOTO_LOAD_SCALE * m.generator.cfg.resolution
+    extra = [load_image(p, side) for p in collect_images(images)] if images else None
     try:
         written = generate_dataset(m, out, DataConfig(count, shard_size, steps, seed, regime, source), rank, world, extra)
     except (FileNotFoundError, ValueError) as e:

@@ -55,6 +55,7 @@ from saminv.photos import HELD_OUT_OPENCV, LFW_FACES, OPENCV_DATA, training_nonf
 
 SOURCES = ("teacher", "generated", "photo", "composite")
 PHOTO_SETS = ("pool", "validation-faces", "nonface-patches", "images")  # DataConfig.source: the pool or a photo set
+PHOTO_LOAD_SCALE = 4  # --images files load at this many times the model's resolution, so crops keep detail
 SKIMAGE_TRAIN = ("brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass", "gravel",
                  "horse", "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "retina", "rocket", "text")
 
@@ -212,10 +213,10 @@ def image_source(model: Model, cfg: DataConfig, extra_photos: list[np.ndarray] |
         raise ValueError(f"--images joins the pool or forms the images set, not the {cfg.source} set")
     if cfg.source == "validation-faces":
         return PhotoSetSource(model, validation_faces(), "validation-face", cfg.seed)
-    # nonface-patches, each patch upscaled as an --images file is (Lanczos to 4R, then to R)
-    r = model.generator.cfg.resolution
-    return PhotoSetSource(model, [resize_square(p, 4 * r) for p in training_nonface_patches()], "nonface-patch",
-                          cfg.seed)
+    # nonface-patches, each patch upscaled as an --images file is (to PHOTO_LOAD_SCALE x R, then to R)
+    side = PHOTO_LOAD_SCALE * model.generator.cfg.resolution
+    patches = [resize_square(p, side) for p in training_nonface_patches()]
+    return PhotoSetSource(model, patches, "nonface-patch", cfg.seed)
 
 
 def shard_indices(cfg: DataConfig, rank: int, world: int) -> list[int]:
