@@ -40,12 +40,13 @@ def _astronaut() -> np.ndarray:
     return astronaut()[10:230, 118:338]
 
 
-def _lfw(i: int) -> np.ndarray:
-    """Item i of scikit-image's lfw_subset (a face for i < LFW_FACES) as 25 x 25 x 3 uint8."""
+def lfw_items(indices: range | list[int]) -> list[np.ndarray]:
+    """Items of scikit-image's lfw_subset (faces for i < LFW_FACES, background patches above) as 25 x 25 x 3
+    uint8, the grey crop repeated over RGB; the set is read once per call."""
     from skimage.data import lfw_subset
 
-    face = (lfw_subset()[i] * 255).round().astype(np.uint8)
-    return np.repeat(face[:, :, None], 3, axis=2)
+    grey = (lfw_subset()[list(indices)] * 255).round().astype(np.uint8)
+    return [np.repeat(g[:, :, None], 3, axis=2) for g in grey]
 
 
 def _messi() -> np.ndarray:
@@ -226,7 +227,7 @@ def held_out_faces(directory: Path | None = None) -> list[tuple[str, np.ndarray]
 HELD_OUT_OPENCV = {"messi5.jpg": "messi", "butterfly.jpg": "butterfly", "squirrel_cls.jpg": "squirrel",
                    "HappyFish.jpg": "fish", "smarties.png": "smarties", "lena.jpg": "lena"}
 HELD_OUT_LFW = range(LFW_FACES, LFW_FACES + 10)  # 10 non-face patches; every LFW face is in the training pool
-TRAINING_LFW_PATCHES = range(LFW_FACES + 10, 2 * LFW_FACES)  # the other 90 non-face patches: predictor data
+TRAINING_LFW_PATCHES = range(HELD_OUT_LFW.stop, 2 * LFW_FACES)  # the other 90 non-face patches: predictor data
 NONFACE_PREFIX = "lfw-nonface-"
 
 
@@ -251,14 +252,15 @@ def held_out_photos(nonface_patches: int = len(HELD_OUT_LFW)) -> list[tuple[str,
         if (OPENCV_DATA / file).is_file():
             photos.append((name, _messi() if name == "messi" else np.asarray(Image.open(OPENCV_DATA / file).convert("RGB"))))
     photos += held_out_faces()
-    return photos + [(f"{NONFACE_PREFIX}{i}", _lfw(i)) for i in list(HELD_OUT_LFW)[:nonface_patches]]
+    patches = HELD_OUT_LFW[:nonface_patches]
+    return photos + [(f"{NONFACE_PREFIX}{i}", img) for i, img in zip(patches, lfw_items(patches))]
 
 
 def training_nonface_patches() -> list[np.ndarray]:
     """lfw_subset's non-face patches 110-199 (:data:`TRAINING_LFW_PATCHES`) as 25 x 25 x 3 uint8: training data
     of faces64's optimization predictor (``saminv train invertibility-data --source nonface-patches``), disjoint
     from the held-out patches 100-109."""
-    return [_lfw(i) for i in TRAINING_LFW_PATCHES]
+    return lfw_items(TRAINING_LFW_PATCHES)
 
 
 def face_photo(name: str) -> np.ndarray:
@@ -268,7 +270,7 @@ def face_photo(name: str) -> np.ndarray:
     if name == "messi":
         return _messi()
     if name.startswith("lfw-") and name[4:].isdigit() and int(name[4:]) < LFW_FACES:
-        return _lfw(int(name[4:]))
+        return lfw_items([int(name[4:])])[0]
     if name in REGISTRY_FACES:
         return _registry_face(name)
     raise InputError(f"unknown photo {name!r}: astronaut, messi, lfw-0 .. lfw-{LFW_FACES - 1} "

@@ -51,7 +51,8 @@ from saminv.inversion.optimize import InversionConfig
 from saminv.inversion.sam import invert_spaces
 from saminv.models.lpips import LPIPS
 from saminv.models.model_dir import Model
-from saminv.photos import HELD_OUT_OPENCV, LFW_FACES, OPENCV_DATA, training_nonface_patches, validation_faces
+from saminv.photos import (HELD_OUT_OPENCV, LFW_FACES, OPENCV_DATA, lfw_items, training_nonface_patches,
+                           validation_faces)
 
 SOURCES = ("teacher", "generated", "photo", "composite")
 PHOTO_SETS = ("pool", "validation-faces", "nonface-patches", "images")  # DataConfig.source: the pool or a photo set
@@ -95,11 +96,7 @@ def training_photos(extra: list[np.ndarray] | None = None) -> list[np.ndarray]:
             img = Image.open(path)
             if min(img.size) >= 128:
                 photos.append(np.asarray(img.convert("RGB")))
-    from skimage.data import lfw_subset
-
-    faces = (lfw_subset()[:LFW_FACES] * 255).round().astype(np.uint8)
-    photos += [np.repeat(f[:, :, None], 3, axis=2) for f in faces]
-    return photos + list(extra or [])
+    return photos + lfw_items(range(LFW_FACES)) + list(extra or [])
 
 
 def _crop(rng: np.random.Generator, photo: np.ndarray, resolution: int) -> Image.Image:
