@@ -649,6 +649,8 @@ def train_predictor(data: list[Path] = typer.Option(..., help="A data set from s
                     seed: int = typer.Option(0, help="Seed of the batches and their flips, and of the new layers' "
                                                      "initial weights without --start-from (runs that differ only "
                                                      "in it show the training's spread)."),
+                    shift: int = typer.Option(0, min=0, help="Largest random shift of a training image and its "
+                                                             "maps, in pixels (0: flips only)."),
                     device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
                     into: Optional[str] = typer.Option(None, help=INTO_HELP),
                     start_from: Optional[str] = typer.Option(
@@ -666,7 +668,7 @@ def train_predictor(data: list[Path] = typer.Option(..., help="A data set from s
         if start_from:
             other = next(kind for regime, kind in PREDICTORS.items() if regime != data_regime(*data))
             start = load_model(start_from).network(other)
-        cfg = PredictorConfig(steps=steps, batch=batch, lr=lr, seed=seed)
+        cfg = PredictorConfig(steps=steps, batch=batch, lr=lr, seed=seed, shift=shift)
         run = PredictorTrainer(data, out, cfg, pick_device(device), start)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from None

@@ -19,7 +19,7 @@ from saminv.models.model_dir import load_model
 from saminv.models.predictor import InvertibilityPredictor
 from saminv.photos import face_photo
 from saminv.training.invertibility_data import DataConfig, generate_dataset
-from saminv.training.predictor import PredictorConfig, PredictorTrainer, load_shards
+from saminv.training.predictor import PredictorConfig, PredictorTrainer, load_shards, shifted
 
 
 def test_backbone_pyramid_shapes():
@@ -175,3 +175,33 @@ def test_the_seed_decides_a_runs_batches_and_repeats_it(data, tmp_path):
     first, again, other = train("a", 0), train("b", 0), train("c", 1)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_shifted_moves_each_item_by_its_offset_with_reflect_padding():
+    photo = to_target(resize_square(face_photo("astronaut"), 64))  # [1, 3, 64, 64] in [-1, 1]
+    batch = torch.cat([photo, photo])
+    moved = shifted(batch, np.array([[3, 3], [0, 6]]), 3)
+    assert moved.shape == batch.shape and torch.equal(moved[0], photo[0])  # offset == shift: no move
+    assert torch.equal(moved[1, :, 3:, :-3], photo[0, :, :-3, 3:])  # down 3 rows, left 3 columns
+    assert torch.equal(moved[1, :, 2, :-3], photo[0, :, 1, 3:])  # reflect padding: input row 1 again above row 0
+
+
+def test_shift_moves_images_and_maps_together(data, tmp_path):
+    """With --shift each training image and its error maps move (and flip) together, so a map that is a
+    function of its image stays that function of the image in every batch; without it no item moves."""
+    grey = None
+
+    def unmoved_items(shift: int) -> list[bool]:
+        nonlocal grey
+        run = PredictorTrainer(data, tmp_path / f"s{shift}", PredictorConfig(steps=1, batch=8, shift=shift))
+        grey = torch.from_numpy(run.images.astype(np.float32).mean(axis=3) / 127.5 - 1)  # [N, R, R]
+        run.errors = grey[:, None].expand(-1, len(run.spaces), -1, -1).numpy()
+        x, y = run.batch()
+        assert torch.allclose(y, x.mean(dim=1, keepdim=True).expand_as(y), atol=1e-5)
+        stored = [*grey, *grey.flip(-1)]
+        return [any(torch.allclose(item, g, atol=1e-5) for g in stored) for item in x.mean(dim=1)]
+
+    assert all(unmoved_items(0))
+    assert not all(unmoved_items(3))
+    with pytest.raises(ValueError, match="shift 64"):
+        PredictorTrainer(data, tmp_path / "big", PredictorConfig(steps=1, shift=64))

@@ -6,7 +6,8 @@ The data set's regime (its ``info.json``) decides which predictor this trains: `
 ``encoder_predictor`` (:data:`saminv.models.model_dir.PREDICTORS`).
 
 The data set is small enough to hold in memory (uint8 images, float16 maps). Each step samples a
-batch, flips it horizontally at random (images and maps together), and minimises the squared error
+batch, flips it horizontally at random and, with ``shift`` > 0, moves it by up to ``shift`` pixels in
+each direction (images and maps together, reflect-padded at the border), and minimises the squared error
 between predicted and measured maps, each space's divided by the variance of its maps in the data
 (so the small F_k errors count as much as W+'s). The ImageNet backbone trains with a 10x smaller learning
 rate and its BatchNorm statistics frozen (small CPU batches). Learning rates are constant, then ramp
@@ -42,6 +43,7 @@ class PredictorConfig:
 
     Adam at ``lr`` for the decoder and heads, ``backbone_lr_scale`` times it for the pretrained
     EfficientNet-Lite0 trunk; no warm-up, cosine ramp-down over the last ``rampdown`` of ``steps``.
+    ``shift``: the largest random translation of a batch item in pixels (0: flips only).
     """
 
     steps: int = 3000
@@ -51,6 +53,7 @@ class PredictorConfig:
     rampdown: float = 0.25
     checkpoint_every: int = 200
     seed: int = 0
+    shift: int = 0
 
 
 def load_shards(*data: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -83,6 +86,15 @@ def data_regime(*data: Path) -> str:
     return regimes.pop()
 
 
+def shifted(batch: torch.Tensor, offsets: np.ndarray, shift: int) -> torch.Tensor:
+    """Each item of ``batch`` [B, C, H, W] moved by ``offsets`` [B, 2] (row, column; each in 0..2 * shift,
+    where ``shift`` is no move) with reflect padding: item i becomes rows ``offsets[i, 0]`` ... and columns
+    ``offsets[i, 1]`` ... of the padded item. Same shape and dtype as ``batch``."""
+    h, w = batch.shape[-2:]
+    padded = torch.nn.functional.pad(batch, (shift,) * 4, mode="reflect")
+    return torch.stack([item[:, a:a + h, b:b + w] for item, (a, b) in zip(padded, offsets)])
+
+
 class PredictorTrainer(TrainingRun):
     """One training run in ``out_dir`` on one data set or several of the same regime and spaces, pooled
     (``data``; resumes from its checkpoint). Raises FileNotFoundError or ValueError (:func:`load_shards`,
@@ -96,6 +108,8 @@ class PredictorTrainer(TrainingRun):
         data = [data] if isinstance(data, Path) else data
         self.images, self.errors, self.spaces = load_shards(*data)
         self.regime = data_regime(*data)
+        if not 0 <= cfg.shift < self.images.shape[1]:
+            raise ValueError(f"shift {cfg.shift} must be between 0 and the images' size ({self.images.shape[1]} px) - 1")
         self.cfg, self.device, self.total_steps = cfg, device, cfg.steps
         torch.manual_seed(cfg.seed)
         self.net = InvertibilityPredictor(self.spaces).to(device)
@@ -124,12 +138,15 @@ class PredictorTrainer(TrainingRun):
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A random batch: images [B, 3, R, R] in [-1, 1] and their error maps e_l [B, S, R, R] (LPIPS units),
-        each pair flipped left-right with probability 0.5."""
+        each pair flipped left-right with probability 0.5, then shifted together (``cfg.shift``)."""
         idx = self.rng.integers(0, len(self.images), self.cfg.batch)
         x = torch.from_numpy(self.images[idx]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
         y = torch.from_numpy(self.errors[idx])
         flip = torch.from_numpy(self.rng.random(len(idx)) < 0.5)
         x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
+        if self.cfg.shift:
+            offsets = self.rng.integers(0, 2 * self.cfg.shift + 1, (len(idx), 2))
+            x, y = (shifted(t, offsets, self.cfg.shift) for t in (x, y))
         return x.to(self.device), y.to(self.device)
 
     def train_step(self) -> dict[str, float]:
