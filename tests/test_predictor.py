@@ -189,10 +189,7 @@ def test_shifted_moves_each_item_by_its_offset_with_reflect_padding():
 def test_shift_moves_images_and_maps_together(data, tmp_path):
     """With --shift each training image and its error maps move (and flip) together, so a map that is a
     function of its image stays that function of the image in every batch; without it no item moves."""
-    grey = None
-
     def unmoved_items(shift: int) -> list[bool]:
-        nonlocal grey
         run = PredictorTrainer(data, tmp_path / f"s{shift}", PredictorConfig(steps=1, batch=8, shift=shift))
         grey = torch.from_numpy(run.images.astype(np.float32).mean(axis=3) / 127.5 - 1)  # [N, R, R]
         run.errors = grey[:, None].expand(-1, len(run.spaces), -1, -1).numpy()

@@ -110,7 +110,7 @@ class PredictorTrainer(TrainingRun):
         self.images, self.errors, self.spaces = load_shards(*data)
         self.regime = data_regime(*data)
         if not 0 <= cfg.shift < self.images.shape[1]:
-            raise ValueError(f"shift {cfg.shift} must be between 0 and the images' size ({self.images.shape[1]} px) - 1")
+            raise ValueError(f"shift {cfg.shift}: must be 0 to {self.images.shape[1] - 1} px for {self.images.shape[1]} px images")
         self.cfg, self.device, self.total_steps = cfg, device, cfg.steps
         torch.manual_seed(cfg.seed)
         self.net = InvertibilityPredictor(self.spaces).to(device)
