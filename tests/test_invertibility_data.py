@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 from saminv.cli import app
 from saminv.models.model_dir import load_model
 from saminv.photos import face_photo, held_out_photos, training_nonface_patches
-from saminv.imageio import resize_square
-from saminv.training.invertibility_data import (SOURCES, DataConfig, ImageSource, PhotoSetSource, generate_dataset,
-                                                image_source, shard_indices, training_photos)
+from saminv.imageio import load_image, resize_square
+from saminv.training.invertibility_data import (PHOTO_LOAD_SCALE, SOURCES, DataConfig, ImageSource, PhotoSetSource,
+                                                generate_dataset, image_source, shard_indices, training_photos)
 
 runner = CliRunner()
 
@@ -130,10 +130,10 @@ def test_the_nonface_patch_set_is_the_training_patches_taken_as_images_files(mod
     res = runner.invoke(app, ["train", "invertibility-data", "--out", str(tmp_path / "x"), "--source", "nonface-patches",
                               "--images", str(tmp_path / "patch0.png")])
     assert res.exit_code == 2 and "not the nonface-patches set" in res.output
-    from saminv.imageio import load_image
 
     patch_set = image_source(model, DataConfig(source="nonface-patches"), None)
-    pngs = [load_image(tmp_path / f"patch{i}.png", 256) for i in (0, 89)]
+    side = PHOTO_LOAD_SCALE * model.generator.cfg.resolution  # as the CLI loads --images files
+    pngs = [load_image(tmp_path / f"patch{i}.png", side) for i in (0, 89)]
     images_set = image_source(model, DataConfig(source="images"), pngs)
     for i, j in ((0, 0), (89, 1)):
         img, name = patch_set.image(i)
