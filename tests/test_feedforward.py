@@ -171,6 +171,23 @@ def test_every_mode_on_a_real_photo(lpips, face):
     assert predicted.metrics["seconds"] < measured.metrics["seconds"]  # no per-space inversions
 
 
+def test_optimization_maps_average_the_mirrored_pass(face):
+    """The optimization predictor's maps are the mean of the face's pass and its mirror's (mirrored back), so
+    they mirror with the face; the encoder predictor's are one pass, as the exported runtime computes them."""
+    model = load_model("faces64")
+    names = [s.name for s in model.generator.spaces]
+    target = to_target(face)
+    with torch.no_grad():
+        maps = predicted_maps(model, target, names)
+        single = model.network("predictor")(target)
+        mirrored = model.network("predictor")(target.flip(-1)).flip(-1)
+        assert torch.allclose(predicted_maps(model, target.flip(-1), names).flip(-1), maps, atol=1e-6)
+        assert torch.allclose(maps, (single + mirrored) / 2, atol=1e-7)
+        assert (single - mirrored).abs().amax() > 0.1 * single.mean()  # the two passes really differ on a face
+        encoder_maps = predicted_maps(model, target, names, "encoder")
+        assert torch.equal(encoder_maps, model.network("encoder_predictor")(target))
+
+
 def test_encoder_mode_measures_the_encoders_own_errors(lpips, face):
     """Measured maps of encoder mode: one encoder pass per space, no optimization; F_k beats W+ on a real photo."""
     model = load_model("faces64")

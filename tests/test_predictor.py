@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from saminv.cli import app
 from saminv.errors import InputError
 from saminv.imageio import resize_square
+from saminv.inversion.feedforward import predicted_maps
 from saminv.inversion.sam import to_target
 from saminv.inversion.selection import segment, segment_means
 from saminv.models.efficientnet import EfficientNetLite0, PYRAMID_CHANNELS
@@ -130,8 +131,7 @@ def test_cli_trains_into_a_model_directory_then_calibrates_its_maps_tau(data, tm
     names = [s.name for s in load_model(model_dir).generator.spaces]
     assert list(taus) == names and record["tau"] == config["tau"] and record["images"] == 2
     assert 0 < record["measured_pass_rates"]["F8"] and record["measured_pass_rates"]["W+"] < 1  # 20 steps: W+ is poor
-    with torch.no_grad():
-        maps = load_model(model_dir).network("predictor")(torch.cat([to_target(p) for p in photos])).numpy()
+    maps = predicted_maps(load_model(model_dir), torch.cat([to_target(p) for p in photos]), names).numpy()
     predicted = np.concatenate([segment_means(m, segment(p)) for m, p in zip(maps, photos)], axis=1)
     for s, name in enumerate(names):
         assert taus[name] == pytest.approx(np.quantile(predicted[s], record["measured_pass_rates"][name]), abs=2e-4)

@@ -44,7 +44,7 @@ class PredictorConfig:
     Adam at ``lr`` for the decoder and heads, ``backbone_lr_scale`` times it for the pretrained
     EfficientNet-Lite0 trunk; no warm-up, cosine ramp-down over the last ``rampdown`` of ``steps``.
     ``shift``: the largest random translation of a batch item in pixels (0: flips only; faces64's optimization
-    ``predictor`` used 3 at 64 px, which ranked held-out segments better: docs/feedforward.md).
+    ``predictor`` used 6 at 64 px, which ranked held-out segments better: docs/feedforward.md).
     """
 
     steps: int = 3000
