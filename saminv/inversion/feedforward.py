@@ -31,11 +31,10 @@ from saminv.models.stylegan2 import NoiseMode
 
 # Regimes whose predicted maps average the image's pass with the mirrored image's (mirrored back). The
 # predictors train on left-right flips, so both passes estimate the same maps and their mean is less noisy:
-# over eight optimization predictors of faces64 it raised the mean Spearman on the 16 held-out faces in every
-# space (W+ +0.020, F6 +0.017) and moved the photos and patches' by under 0.01 (docs/feedforward.md, "What
-# falls short"). The encoder predictor gained
-# nothing measurable, and the encoder regime stays one pass: it is the latency path, which the runtime serves
-# with the exported single-pass encoder predictor.
+# over eight optimization predictors of faces64, the average raised the mean Spearman on the 16 held-out faces
+# in every space (W+ +0.020, F6 +0.017) and moved that of the photos and patches by under 0.01
+# (docs/feedforward.md, "What falls short"). The encoder predictor gained nothing measurable; the encoder regime
+# stays one pass: it is the latency path, which the runtime serves with the exported single-pass predictor.
 MIRROR_AVERAGED = ("optimization",)
 
 
