@@ -606,6 +606,9 @@ def train_invertibility_data(out: Path = typer.Option(..., help="Data set direct
                              regime: str = typer.Option("optimization", help="Who inverts: optimization (single-space "
                                                                               "optimizations, minutes per shard) or encoder "
                                                                               "(the model's encoders, seconds per shard)."),
+                             mirror: bool = typer.Option(False, help="Also measure each image mirrored left-right; "
+                                                                     "the predictor trains on the mean of both maps. "
+                                                                     "On an existing data set: adds that measurement."),
                              seed: int = typer.Option(0),
                              rank: Optional[int] = typer.Option(None, help="This process's shard set (default: torchrun's RANK, else 0)."),
                              world: Optional[int] = typer.Option(None, help="Number of processes (default: torchrun's WORLD_SIZE, else 1)."),
@@ -628,7 +631,7 @@ def train_invertibility_data(out: Path = typer.Option(..., help="Data set direct
     side = PHOTO_LOAD_SCALE * m.generator.cfg.resolution
     extra = [load_image(p, side) for p in collect_images(images)] if images else None
     try:
-        written = generate_dataset(m, out, DataConfig(count, shard_size, steps, seed, regime, source), rank, world, extra)
+        written = generate_dataset(m, out, DataConfig(count, shard_size, steps, seed, regime, source, mirror), rank, world, extra)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from None
     typer.echo(f"wrote {len(written)} shards to {out}")

@@ -140,3 +140,37 @@ def test_the_nonface_patch_set_is_the_training_patches_taken_as_images_files(mod
         assert name == "nonface-patch" and img.shape == (64, 64, 3) and np.array_equal(img, images_set.image(j)[0])
     dist = [np.abs(patch_set.image(0)[0].astype(float) - resize_square(patches[k], 64)).mean() for k in range(90)]
     assert int(np.argmin(dist)) == 0 and dist[0] < 2  # item 0 is patch 110, up to the two-step resize
+
+
+def test_mirror_adds_a_second_measurement_of_the_mirrored_photo(model, tmp_path):
+    """--mirror on an existing data set keeps its shards and adds ``errors_mirrored``: exactly the maps that
+    the mirror image, inverted as a data set of its own, gets, mirrored back. The two measurements of the
+    same photo differ, and the predictor's data holds their mean."""
+    from PIL import Image
+
+    from saminv.training.predictor import load_shards
+
+    Image.fromarray(resize_square(face_photo("astronaut"), 256)).save(tmp_path / "face.png")
+    args = ["train", "invertibility-data", "--out", str(tmp_path / "a"), "--source", "images", "--images",
+            str(tmp_path / "face.png"), "--count", "1", "--shard-size", "1", "--steps", "3"]
+    assert runner.invoke(app, args).exit_code == 0
+    before = dict(np.load(tmp_path / "a" / "shard_00000.npz"))
+    res = runner.invoke(app, args + ["--mirror"])
+    assert res.exit_code == 0 and "wrote 1 shards" in res.output
+    assert "wrote 0 shards" in runner.invoke(app, args + ["--mirror"]).output
+    after = np.load(tmp_path / "a" / "shard_00000.npz")
+    assert all(np.array_equal(after[key], value) for key, value in before.items())
+    assert json.loads((tmp_path / "a" / "info.json").read_text())["mirror"] is True
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "pass --mirror" in res.output
+
+    mirror_image = load_image(tmp_path / "face.png", 256)[:, ::-1]
+    generate_dataset(model, tmp_path / "b", DataConfig(count=1, shard_size=1, steps=3, source="images"),
+                     extra_photos=[np.ascontiguousarray(mirror_image)], progress=False)
+    measured_mirrored = np.load(tmp_path / "b" / "shard_00000.npz")
+    assert np.array_equal(measured_mirrored["images"][0], after["images"][0, :, ::-1])
+    assert np.array_equal(after["errors_mirrored"], measured_mirrored["errors"][..., ::-1])
+    first, second = after["errors"].astype(np.float32), after["errors_mirrored"].astype(np.float32)
+    assert np.abs(first - second).mean() > 0.01 * first.mean()  # a second measurement, not a copy
+    _, errors, _ = load_shards(tmp_path / "a")
+    assert np.allclose(errors, (first + second) / 2)

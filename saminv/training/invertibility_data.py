@@ -32,6 +32,12 @@ of processes, and resumed.
 Shards ``shard_<k>.npz`` hold ``images`` uint8 [B, R, R, 3], ``reconstructions`` uint8 [B, S, R, R, 3],
 ``errors`` float16 [B, S, R, R] (LPIPS spatial maps), ``wplus`` float16 [B, n_latent, w_dim] (the W+
 inversion), ``sources`` [B] str, and ``spaces`` [S] str; ``info.json`` records the settings.
+
+A measured map is noisy: the same photo mirrored left-right, inverted again and its map mirrored back, gives
+a visibly different map. With ``DataConfig.mirror`` each shard also holds ``errors_mirrored`` float16
+[B, S, R, R], that second measurement, and the predictor trains on the mean of the two
+(:func:`saminv.training.predictor.load_shards`). Turning ``mirror`` on for an existing data set adds the
+second measurement to its shards and leaves everything else in them as it was.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ class DataConfig:
     seed: int = 0
     regime: str = "optimization"  # or "encoder" (the model's encoders invert)
     source: str = "pool"  # one of PHOTO_SETS
+    mirror: bool = False  # also measure each image mirrored left-right (errors_mirrored)
 
 
 def training_photos(extra: list[np.ndarray] | None = None) -> list[np.ndarray]:
@@ -222,34 +229,65 @@ def shard_indices(cfg: DataConfig, rank: int, world: int) -> list[int]:
     return [k for k in range(n_shards) if k % world == rank]
 
 
+def measure(model: Model, lpips: LPIPS, images: np.ndarray, k: int, cfg: DataConfig,
+            names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Invert ``images`` uint8 [B, R, R, 3] (shard ``k``) in every space of ``names`` (S), as ``cfg.regime``
+    says, in one batch. Returns the W+ codes float32 [B, n_latent, w_dim], the renders float32
+    [S, B, 3, R, R] in [-1, 1] and the LPIPS spatial error maps float32 [B, S, R, R] (SAM Eq. 1)."""
+    target = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    if cfg.regime == "encoder":
+        return encode_each_space(model, lpips, target, names)
+    torch.manual_seed(cfg.seed * 100_003 + k)
+    inv = invert_spaces(model, lpips, target, names, InversionConfig(steps=cfg.steps))
+    wplus = inv.codes.wplus.view(len(names), len(images), *inv.codes.wplus.shape[1:])[names.index("W+")]
+    return wplus, inv.images, inv.error_maps.permute(1, 0, 2, 3)
+
+
+def mirrored_errors(model: Model, lpips: LPIPS, images: np.ndarray, k: int, cfg: DataConfig,
+                    names: list[str]) -> np.ndarray:
+    """The error maps of ``images`` uint8 [B, R, R, 3] measured on their left-right mirror images and
+    mirrored back onto them: float16 [B, S, R, R] (the second measurement of ``DataConfig.mirror``)."""
+    _, _, errors = measure(model, lpips, np.ascontiguousarray(images[:, :, ::-1]), k, cfg, names)
+    return errors.flip(-1).numpy().astype(np.float16)
+
+
 def generate_shard(source: ImageSource | PhotoSetSource, lpips: LPIPS, k: int, cfg: DataConfig, names: list[str]) -> dict:
-    """Invert the images of shard ``k`` in every space (one batch) and return the arrays of the shard."""
+    """Invert the images of shard ``k`` in every space (one batch; with ``cfg.mirror`` a second batch of
+    their mirror images) and return the arrays of the shard."""
     model = source.model
     start, stop = k * cfg.shard_size, min((k + 1) * cfg.shard_size, cfg.count)
     items = [source.image(i) for i in range(start, stop)]
     images = np.stack([img for img, _ in items])
-    target = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    if cfg.regime == "encoder":
-        wplus, renders, errors = encode_each_space(model, lpips, target, names)
-    else:
-        torch.manual_seed(cfg.seed * 100_003 + k)
-        inv = invert_spaces(model, lpips, target, names, InversionConfig(steps=cfg.steps))
-        renders, errors = inv.images, inv.error_maps.permute(1, 0, 2, 3)
-        wplus = inv.codes.wplus.view(len(names), len(items), *inv.codes.wplus.shape[1:])[names.index("W+")]
+    wplus, renders, errors = measure(model, lpips, images, k, cfg, names)
     recon = np.stack([[from_tensor_range(renders[s, b].numpy()) for s in range(len(names))]
                       for b in range(len(items))])
-    return {"images": images, "reconstructions": recon,
-            "errors": errors.numpy().astype(np.float16),
-            "wplus": wplus.numpy().astype(np.float16), "sources": np.array([s for _, s in items]),
-            "spaces": np.array(names)}
+    arrays = {"images": images, "reconstructions": recon,
+              "errors": errors.numpy().astype(np.float16),
+              "wplus": wplus.numpy().astype(np.float16), "sources": np.array([s for _, s in items]),
+              "spaces": np.array(names)}
+    if cfg.mirror:
+        arrays["errors_mirrored"] = mirrored_errors(model, lpips, images, k, cfg, names)
+    return arrays
+
+
+def needs_work(path: Path, cfg: DataConfig) -> bool:
+    """Whether shard ``path`` is missing, or lacks the second measurement that ``cfg.mirror`` asks for."""
+    if not path.is_file():
+        return True
+    if not cfg.mirror:
+        return False
+    with np.load(path) as shard:
+        return "errors_mirrored" not in shard.files
 
 
 def generate_dataset(model: Model, out: Path, cfg: DataConfig, rank: int = 0, world: int = 1,
                      extra_photos: list[np.ndarray] | None = None, progress: bool = True) -> list[Path]:
-    """Write this process's missing shards into ``out`` (resumable). Returns the shards it wrote.
+    """Write this process's missing shards into ``out`` (resumable), and with ``cfg.mirror`` add the second
+    measurement to its shards that lack it. Returns the shards it wrote.
 
-    Raises ValueError when ``out`` holds a data set made with other settings or for a bad ``cfg.source``
-    (:func:`image_source`); InputError for ``validation-faces`` before ``make faces``."""
+    Raises ValueError when ``out`` holds a data set made with other settings, one with mirrored measurements
+    while ``cfg.mirror`` is off, or for a bad ``cfg.source`` (:func:`image_source`); InputError for
+    ``validation-faces`` before ``make faces``."""
     if cfg.regime == "encoder":
         model.network("encoders")  # raises InputError before any work when the model has none
     source = image_source(model, cfg, extra_photos)  # bad settings fail before anything is written
@@ -257,22 +295,30 @@ def generate_dataset(model: Model, out: Path, cfg: DataConfig, rank: int = 0, wo
     names = [s.name for s in model.generator.spaces]
     info = {"model": model.name, "spaces": names, "extra_photos": len(extra_photos or []), **asdict(cfg)}
     info_path = out / "info.json"
-    if info_path.is_file():  # a data set may grow (--count), but items must be made the same way
-        existing = {"regime": "optimization", "source": "pool", **json.loads(info_path.read_text())}
-        if {k: v for k, v in existing.items() if k != "count"} != {k: v for k, v in info.items() if k != "count"}:
-            raise ValueError(f"{out} holds a data set with other settings ({existing}); use another --out")
-    if rank == 0 and (not info_path.is_file() or json.loads(info_path.read_text())["count"] < cfg.count):
-        save_json(info_path, info)
-    todo = [k for k in shard_indices(cfg, rank, world) if not (out / f"shard_{k:05d}.npz").is_file()]
+    grows = ("count", "mirror")  # a data set may grow (--count, --mirror), but items must be made the same way
+    existing = {"regime": "optimization", "source": "pool", "mirror": False,
+                **(json.loads(info_path.read_text()) if info_path.is_file() else info)}
+    if {k: v for k, v in existing.items() if k not in grows} != {k: v for k, v in info.items() if k not in grows}:
+        raise ValueError(f"{out} holds a data set with other settings ({existing}); use another --out")
+    if existing["mirror"] and not cfg.mirror:
+        raise ValueError(f"{out} holds mirrored measurements: pass --mirror to add to it")
+    if rank == 0 and (not info_path.is_file() or existing["count"] < cfg.count or existing["mirror"] != cfg.mirror):
+        save_json(info_path, {**info, "count": max(cfg.count, existing["count"])})
+    todo = [k for k in shard_indices(cfg, rank, world) if needs_work(out / f"shard_{k:05d}.npz", cfg)]
     if not todo:
         return []
     lpips = LPIPS()
     written = []
     for k in tqdm(todo, desc=f"invertibility shards (rank {rank}/{world})", unit="shard", disable=not progress):
         path = out / f"shard_{k:05d}.npz"
-        if path.is_file():  # another process made it meanwhile
+        if not needs_work(path, cfg):  # another process made it meanwhile
             continue
-        arrays = generate_shard(source, lpips, k, cfg, names)
+        if path.is_file():  # an existing shard gets its second measurement
+            with np.load(path) as shard:
+                arrays = {name: shard[name] for name in shard.files}
+            arrays["errors_mirrored"] = mirrored_errors(source.model, lpips, arrays["images"], k, cfg, names)
+        else:
+            arrays = generate_shard(source, lpips, k, cfg, names)
         atomic_write(path, lambda p: np.savez(p, **arrays))
         written.append(path)
     return written

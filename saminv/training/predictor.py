@@ -59,8 +59,9 @@ class PredictorConfig:
 
 def load_shards(*data: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """All shards of one or more data sets, in order: images uint8 [N, R, R, 3], errors float32
-    [N, S, R, R], space names. Raises FileNotFoundError when a data set has no shards, ValueError when
-    the data sets' spaces differ."""
+    [N, S, R, R], space names. A shard measured twice (``errors_mirrored``, see
+    :mod:`saminv.training.invertibility_data`) gives the mean of its two maps. Raises FileNotFoundError when
+    a data set has no shards, ValueError when the data sets' spaces differ."""
     images, errors, spaces = [], [], None
     for directory in data:
         paths = sorted(Path(directory).glob("shard_*.npz"))
@@ -72,7 +73,8 @@ def load_shards(*data: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
                 if spaces is not None and names != spaces:
                     raise ValueError(f"{path}: spaces {names}, but the data so far has {spaces}")
                 images.append(shard["images"])
-                errors.append(shard["errors"].astype(np.float32))
+                measured = [shard[key].astype(np.float32) for key in ("errors", "errors_mirrored") if key in shard.files]
+                errors.append(sum(measured) / len(measured))
                 spaces = names
     return np.concatenate(images), np.concatenate(errors), spaces
 
