@@ -252,8 +252,7 @@ def mirrored_errors(model: Model, lpips: LPIPS, images: np.ndarray, k: int, cfg:
 
 
 def generate_shard(source: ImageSource | PhotoSetSource, lpips: LPIPS, k: int, cfg: DataConfig, names: list[str]) -> dict:
-    """Invert the images of shard ``k`` in every space (one batch; with ``cfg.mirror`` a second batch of
-    their mirror images) and return the arrays of the shard."""
+    """Invert the images of shard ``k`` in every space (one batch) and return the arrays of the shard."""
     model = source.model
     start, stop = k * cfg.shard_size, min((k + 1) * cfg.shard_size, cfg.count)
     items = [source.image(i) for i in range(start, stop)]
@@ -261,13 +260,10 @@ def generate_shard(source: ImageSource | PhotoSetSource, lpips: LPIPS, k: int, c
     wplus, renders, errors = measure(model, lpips, images, k, cfg, names)
     recon = np.stack([[from_tensor_range(renders[s, b].numpy()) for s in range(len(names))]
                       for b in range(len(items))])
-    arrays = {"images": images, "reconstructions": recon,
-              "errors": errors.numpy().astype(np.float16),
-              "wplus": wplus.numpy().astype(np.float16), "sources": np.array([s for _, s in items]),
-              "spaces": np.array(names)}
-    if cfg.mirror:
-        arrays["errors_mirrored"] = mirrored_errors(model, lpips, images, k, cfg, names)
-    return arrays
+    return {"images": images, "reconstructions": recon,
+            "errors": errors.numpy().astype(np.float16),
+            "wplus": wplus.numpy().astype(np.float16), "sources": np.array([s for _, s in items]),
+            "spaces": np.array(names)}
 
 
 def needs_work(path: Path, cfg: DataConfig) -> bool:
@@ -313,12 +309,13 @@ def generate_dataset(model: Model, out: Path, cfg: DataConfig, rank: int = 0, wo
         path = out / f"shard_{k:05d}.npz"
         if not needs_work(path, cfg):  # another process made it meanwhile
             continue
-        if path.is_file():  # an existing shard gets its second measurement
+        if path.is_file():  # an existing shard, which lacks only its second measurement
             with np.load(path) as shard:
                 arrays = {name: shard[name] for name in shard.files}
-            arrays["errors_mirrored"] = mirrored_errors(source.model, lpips, arrays["images"], k, cfg, names)
         else:
             arrays = generate_shard(source, lpips, k, cfg, names)
+        if cfg.mirror:
+            arrays["errors_mirrored"] = mirrored_errors(source.model, lpips, arrays["images"], k, cfg, names)
         atomic_write(path, lambda p: np.savez(p, **arrays))
         written.append(path)
     return written
