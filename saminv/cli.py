@@ -653,8 +653,8 @@ def train_predictor(data: list[Path] = typer.Option(..., help="A data set from s
                                                      "initial weights without --start-from (runs that differ only "
                                                      "in it show the training's spread)."),
                     shift: int = typer.Option(0, min=0, help="Largest random shift of a training image and its "
-                                                             "maps, in pixels (0: flips only; faces64's "
-                                                             "optimization predictor used 6)."),
+                                                             "maps, in pixels (0: flips only; both of faces64's "
+                                                             "predictors used 6)."),
                     device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
                     into: Optional[str] = typer.Option(None, help=INTO_HELP),
                     start_from: Optional[str] = typer.Option(
