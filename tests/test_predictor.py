@@ -71,6 +71,32 @@ def test_missing_data_is_reported(tmp_path):
         load_shards(tmp_path)
 
 
+def test_an_unfinished_data_set_is_refused_until_its_command_finishes_it(data, tmp_path):
+    """A data set that lacks shards its info.json asks for, or their second measurement (--mirror), is still
+    being made or was stopped: training on it would give a predictor that its command does not describe. Its
+    own command resumes it, and the shard it makes again equals the one that was lost."""
+    partial = tmp_path / "partial"
+    shutil.copytree(data, partial)
+    (partial / "shard_00001.npz").unlink()
+    with pytest.raises(ValueError, match=r"unfinished: 1 shard\(s\) missing or measured once \(shard_00001.npz\)"):
+        load_shards(partial)
+    res = CliRunner().invoke(app, ["train", "predictor", "--data", str(partial), "--steps", "1",
+                                   "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "rerun the saminv train invertibility-data command" in res.output, res.output
+    assert res.output.count("\n") == 1 and not (tmp_path / "run").exists()  # one line; no run directory left behind
+
+    generate_dataset(load_model("faces64"), partial, DataConfig(count=8, shard_size=4, steps=10), progress=False)
+    for resumed, original in zip(load_shards(partial), load_shards(data)):
+        assert np.array_equal(resumed, original)
+
+    once = tmp_path / "once"
+    shutil.copytree(data, once)
+    info = json.loads((once / "info.json").read_text())
+    (once / "info.json").write_text(json.dumps({**info, "mirror": True}))  # as --mirror on it records, before it ends
+    with pytest.raises(ValueError, match="2 shard"):
+        load_shards(once)
+
+
 def test_several_data_sets_pool_when_their_spaces_and_regime_agree(data, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(data, other)

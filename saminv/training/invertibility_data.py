@@ -43,7 +43,7 @@ second measurement to its shards and leaves everything else in them as it was.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +266,11 @@ def generate_shard(source: ImageSource | PhotoSetSource, lpips: LPIPS, k: int, c
             "spaces": np.array(names)}
 
 
+def shard_path(directory: Path, k: int) -> Path:
+    """The file of shard ``k`` of the data set in ``directory``."""
+    return Path(directory) / f"shard_{k:05d}.npz"
+
+
 def needs_work(path: Path, cfg: DataConfig) -> bool:
     """Whether shard ``path`` is missing, or lacks the second measurement that ``cfg.mirror`` asks for."""
     if not path.is_file():
@@ -274,6 +279,26 @@ def needs_work(path: Path, cfg: DataConfig) -> bool:
         return False
     with np.load(path) as shard:
         return "errors_mirrored" not in shard.files
+
+
+def recorded_config(directory: Path) -> DataConfig | None:
+    """The settings that the data set in ``directory`` records in its ``info.json``, or None when it has none
+    (data sets older than info.json). Settings older data sets lack take :class:`DataConfig`'s defaults."""
+    info = Path(directory) / "info.json"
+    if not info.is_file():
+        return None
+    recorded = json.loads(info.read_text())
+    return DataConfig(**{f.name: recorded[f.name] for f in fields(DataConfig) if f.name in recorded})
+
+
+def unfinished_shards(directory: Path) -> list[str]:
+    """The file names of the shards that the data set in ``directory`` asks for (its ``info.json``: count, shard
+    size, mirror) but lacks, or holds without their second measurement: empty when it is finished or has no
+    info.json. Such a data set is still being made, or its making stopped; the command that made it resumes it."""
+    cfg = recorded_config(directory)
+    if cfg is None:
+        return []
+    return [shard_path(directory, k).name for k in shard_indices(cfg, 0, 1) if needs_work(shard_path(directory, k), cfg)]
 
 
 def generate_dataset(model: Model, out: Path, cfg: DataConfig, rank: int = 0, world: int = 1,
@@ -300,13 +325,13 @@ def generate_dataset(model: Model, out: Path, cfg: DataConfig, rank: int = 0, wo
         raise ValueError(f"{out} holds mirrored measurements: pass --mirror to add to it")
     if rank == 0 and (not info_path.is_file() or existing["count"] < cfg.count or existing["mirror"] != cfg.mirror):
         save_json(info_path, {**info, "count": max(cfg.count, existing["count"])})
-    todo = [k for k in shard_indices(cfg, rank, world) if needs_work(out / f"shard_{k:05d}.npz", cfg)]
+    todo = [k for k in shard_indices(cfg, rank, world) if needs_work(shard_path(out, k), cfg)]
     if not todo:
         return []
     lpips = LPIPS()
     written = []
     for k in tqdm(todo, desc=f"invertibility shards (rank {rank}/{world})", unit="shard", disable=not progress):
-        path = out / f"shard_{k:05d}.npz"
+        path = shard_path(out, k)
         if not needs_work(path, cfg):  # another process made it meanwhile
             continue
         if path.is_file():  # an existing shard, which lacks only its second measurement

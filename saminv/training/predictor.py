@@ -23,7 +23,6 @@ one (faces64: 4,096 encoder-regime images against 152) ranks held-out F2/F4/F8 s
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 from saminv.inversion.optimize import projector_lr
 from saminv.models.fpn import pretrained_trunk_groups
 from saminv.models.predictor import InvertibilityPredictor
+from saminv.training.invertibility_data import recorded_config, unfinished_shards
 from saminv.training.run import TrainingRun
 
 
@@ -61,12 +61,19 @@ def load_shards(*data: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """All shards of one or more data sets, in order: images uint8 [N, R, R, 3], errors float32
     [N, S, R, R], space names. A shard measured twice (``errors_mirrored``, see
     :mod:`saminv.training.invertibility_data`) gives the mean of its two maps. Raises FileNotFoundError when
-    a data set has no shards, ValueError when the data sets' spaces differ."""
+    a data set has no shards, ValueError when the data sets' spaces differ or a data set is unfinished
+    (:func:`saminv.training.invertibility_data.unfinished_shards`: a predictor trained on part of it, or on a
+    mix of once- and twice-measured maps, would not be the one its command describes)."""
     images, errors, spaces = [], [], None
     for directory in data:
         paths = sorted(Path(directory).glob("shard_*.npz"))
         if not paths:
             raise FileNotFoundError(f"{directory}: no shard_*.npz (make them with saminv train invertibility-data)")
+        unfinished = unfinished_shards(directory)
+        if unfinished:
+            listed = ", ".join(unfinished[:3]) + (", ..." if len(unfinished) > 3 else "")
+            raise ValueError(f"{directory} is unfinished: {len(unfinished)} shard(s) missing or measured once "
+                             f"({listed}); rerun the saminv train invertibility-data command that made it (it resumes)")
         for path in paths:
             with np.load(path) as shard:
                 names = [str(s) for s in shard["spaces"]]
@@ -82,8 +89,7 @@ def load_shards(*data: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
 def data_regime(*data: Path) -> str:
     """The inversion regime one or more data sets were made with (``info.json``; data sets older than
     regimes are optimization data). Raises ValueError when they differ."""
-    regimes = {json.loads(info.read_text()).get("regime", "optimization") if info.is_file() else "optimization"
-               for info in (Path(d) / "info.json" for d in data)}
+    regimes = {cfg.regime if cfg else "optimization" for cfg in map(recorded_config, data)}
     if len(regimes) > 1:
         raise ValueError(f"the data sets mix regimes ({', '.join(sorted(regimes))}): a predictor learns one")
     return regimes.pop()
@@ -107,12 +113,12 @@ class PredictorTrainer(TrainingRun):
 
     def __init__(self, data: Path | list[Path], out_dir: Path, cfg: PredictorConfig, device: str = "cpu",
                  start: InvertibilityPredictor | None = None) -> None:
-        super().__init__(out_dir, cfg.checkpoint_every, device)
         data = [data] if isinstance(data, Path) else data
         self.images, self.errors, self.spaces = load_shards(*data)
         self.regime = data_regime(*data)
         if not 0 <= cfg.shift < self.images.shape[1]:
             raise ValueError(f"shift {cfg.shift}: must be 0 to {self.images.shape[1] - 1} px for {self.images.shape[1]} px images")
+        super().__init__(out_dir, cfg.checkpoint_every, device)  # bad data or settings leave no run directory behind
         self.cfg, self.device, self.total_steps = cfg, device, cfg.steps
         torch.manual_seed(cfg.seed)
         self.net = InvertibilityPredictor(self.spaces).to(device)
