@@ -203,7 +203,8 @@ def invert(paths: list[Path] = typer.Argument(..., help="Images or directories o
             files += collect_images([p])
         except InputError as e:
             failures.append(str(e))
-            typer.echo(f"error: {e}", err=True)
+            if len(paths) > 1:
+                typer.echo(f"error: {e}", err=True)
     if not files:
         raise InputError(failures[0] if len(failures) == 1 else "no images to invert")
     lpips = LPIPS().to(dev)
@@ -241,7 +242,10 @@ def invert(paths: list[Path] = typer.Argument(..., help="Images or directories o
                        f"{share}, {mt['seconds']:.1f} s -> {target_dir}")
         except InputError as e:
             failures.append(str(e))
-            tqdm.write(f"error: {e}", file=sys.stderr)
+            if len(files) > 1:
+                tqdm.write(f"error: {e}", file=sys.stderr)
+    if failures and inverted + len(failures) == 1:  # one input: its error is the whole report, as for a missing one
+        raise InputError(failures[0])
     if failures:
         typer.echo(f"{inverted} of {inverted + len(failures)} inputs inverted; failed:", err=True)
         for f in failures:
@@ -471,7 +475,7 @@ def engines_build(bundle: Path = typer.Argument(..., help="A bundle written by s
 def bench(archs: str = typer.Option("faces64,256", help="Comma-separated: model specs and/or 256, 1024 (random config-f)."),
           backends: str = typer.Option("eager,compiled,onnxruntime", help="Comma-separated: eager, compiled, onnxruntime; with an NVIDIA GPU also cuda, cuda-compiled, tensorrt, tensorrt-fused."),
           runs: int = typer.Option(50, min=1, help="Timed runs per latency (after --warmup)."),
-          warmup: int = typer.Option(5, min=0),
+          warmup: int = typer.Option(5, min=0, help="Untimed runs before each latency and throughput measurement."),
           batches: str = typer.Option("1,8,32", help="Batch sizes for throughput."),
           throughput_runs: int = typer.Option(3, min=1, help="Timed runs per throughput batch."),
           threads: int = typer.Option(2, min=1, help="Intra-op threads for every backend."),
@@ -565,12 +569,12 @@ def sample_photo(name: str = typer.Argument("astronaut", help="astronaut, messi 
 @reports_errors
 def train_generator(out: Path = typer.Option(Path("runs/faces64"), help="Run directory (resumes from its checkpoint.pt)."),
                     steps: int = typer.Option(20_000, help="Total steps to reach (a resumed run continues)."),
-                    batch: int = typer.Option(16),
+                    batch: int = typer.Option(16, min=1, help="Images per step."),
                     pair_weight: float = typer.Option(10.0, help="Weight of the paired L1 to the teacher (0: pure GAN)."),
                     adv_weight: float = typer.Option(0.0, help="Weight of the adversarial loss (0: regression only)."),
                     hint_weight: float = typer.Option(1.0, help="Weight of the feature hints to the teacher's 4..32 px maps."),
                     export: Optional[Path] = typer.Option(None, help="Afterwards, write the EMA generator as a model directory here (replaced if it exists)."),
-                    device: str = typer.Option("cpu"),
+                    device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
                     ) -> None:
     """Distil the built-in faces64 StyleGAN2 from the DCGAN face teacher (resumable)."""
     from saminv.training.generator import DistillConfig, Distiller, export_model
@@ -609,17 +613,15 @@ def train_invertibility_data(out: Path = typer.Option(..., help="Data set direct
                              mirror: bool = typer.Option(False, help="Also measure each image mirrored left-right; "
                                                                      "the predictor trains on the mean of both maps. "
                                                                      "On an existing data set: adds that measurement."),
-                             seed: int = typer.Option(0),
+                             seed: int = typer.Option(0, help="Seed of the images drawn and of the inversions' noise."),
                              rank: Optional[int] = typer.Option(None, help="This process's shard set (default: torchrun's RANK, else 0)."),
                              world: Optional[int] = typer.Option(None, help="Number of processes (default: torchrun's WORLD_SIZE, else 1)."),
                              ) -> None:
     """Invert training images in every latent space and store LPIPS error maps (predictor data), in shards."""
     from saminv.imageio import collect_images, load_image
-    from saminv.models.model_dir import load_model
+    from saminv.models.model_dir import REGIMES, load_model
     from saminv.training.invertibility_data import PHOTO_LOAD_SCALE, DataConfig, generate_dataset
     from saminv.training.run import process_rank
-
-    from saminv.models.model_dir import REGIMES
 
     if regime not in REGIMES:
         raise InputError(f"--regime must be one of {', '.join(REGIMES)}, got {regime!r}")
@@ -647,7 +649,7 @@ def train_predictor(data: list[Path] = typer.Option(..., help="A data set from s
                                                                "predictor or encoder_predictor."),
                     out: Path = typer.Option(Path("runs/predictor"), help="Run directory (resumes from its checkpoint.pt)."),
                     steps: int = typer.Option(3000, min=1, help="Total steps to reach (a resumed run continues)."),
-                    batch: int = typer.Option(16, min=1),
+                    batch: int = typer.Option(16, min=1, help="Images per step."),
                     lr: float = typer.Option(1e-3, help="Learning rate of decoder and heads (backbone: 0.1x)."),
                     seed: int = typer.Option(0, help="Seed of the batches and their flips, and of the new layers' "
                                                      "initial weights without --start-from (runs that differ only "
@@ -703,7 +705,7 @@ def train_encoder(model: str = typer.Option("faces64", help=MODEL_HELP),
                   out: Path = typer.Option(Path("runs/encoders"), help="Run directory (resumes from its checkpoint.pt)."),
                   wplus_steps: int = typer.Option(1500, min=0, help="Steps of the W+ encoder (stage 1)."),
                   delta_steps: int = typer.Option(3000, min=0, help="Steps of the Δf encoders, W+ frozen (stage 2)."),
-                  batch: int = typer.Option(8, min=2),
+                  batch: int = typer.Option(8, min=2, help="Images per step (model samples and photos)."),
                   generated: int = typer.Option(3, min=0, help="Model samples (known w) per batch; the rest are photos, crops, composites."),
                   lr: float = typer.Option(5e-4, help="Learning rate (ImageNet trunk: 0.1x)."),
                   device: str = typer.Option("cpu", help="cpu or cuda[:N]."),

@@ -164,9 +164,13 @@ def test_bad_inputs_fail_alone_with_one_line_each(tmp_path, face_png):
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name or p.name.startswith(".")]
 
 
-def test_all_bad_inputs_exit_2(tmp_path):
-    res = invoke("invert", tmp_path / "nope.png", "--out", tmp_path / "out")
-    assert res.exit_code == 2 and "nope.png" in res.output and "Traceback" not in res.output
+@pytest.mark.parametrize("kind", ["missing", "truncated_jpg", "empty_dir"])
+def test_one_bad_input_is_one_line_and_exit_2(tmp_path, kind):
+    bad = _bad_inputs(tmp_path)[kind]
+    res = invoke("invert", bad, "--out", tmp_path / "out")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert len(res.output.splitlines()) == 1 and res.output.startswith(f"error: {bad}")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("args,fragment", [
