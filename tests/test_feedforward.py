@@ -84,7 +84,8 @@ def test_broken_or_missing_networks_are_one_line(trained, tmp_path):
     photo = tmp_path / "face.png"
     Image.fromarray(face_photo("astronaut")).save(photo)
     res = runner.invoke(app, ["invert", str(photo), "--model", str(broken), "--mode", "encoder", "--out", str(tmp_path)])
-    assert res.exit_code == 1 and "has no trained encoders" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert len(res.output.splitlines()) == 1 and "has no trained encoders" in res.output
 
 
 def test_encoder_training_learns_both_stages(trained, tmp_path):
