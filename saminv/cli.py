@@ -613,7 +613,7 @@ def train_invertibility_data(out: Path = typer.Option(..., help="Data set direct
                              mirror: bool = typer.Option(False, help="Also measure each image mirrored left-right; "
                                                                      "the predictor trains on the mean of both maps. "
                                                                      "On an existing data set: adds that measurement."),
-                             seed: int = typer.Option(0, help="Seed of the images drawn and of the inversions' noise."),
+                             seed: int = typer.Option(0, help="Seed of the images drawn (samples, crops, flips, colour jitter, composites)."),
                              rank: Optional[int] = typer.Option(None, help="This process's shard set (default: torchrun's RANK, else 0)."),
                              world: Optional[int] = typer.Option(None, help="Number of processes (default: torchrun's WORLD_SIZE, else 1)."),
                              ) -> None:
