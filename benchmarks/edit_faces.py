@@ -30,6 +30,7 @@ import torch
 from saminv.editing.directions import parse_layers, resolve
 from saminv.editing.edit import Editor
 from saminv.editing.session import to_uint8
+from saminv.errors import reports_errors
 from saminv.imageio import resize_square, save_png
 from saminv.inversion.optimize import Codes
 from saminv.inversion.sam import sam_invert
@@ -67,6 +68,7 @@ def region_changes(diff: np.ndarray, labels: np.ndarray, names: list[str]) -> di
     return {n: float(diff[labels == i].mean()) for i, n in enumerate(names) if (labels == i).any()}
 
 
+@reports_errors
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="faces64")

@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from saminv.errors import reports_errors
 from saminv.imageio import atomic_write, file_sha256, resize_square
 from saminv.inversion.feedforward import encode_each_space, encoder_error_maps, predicted_maps
 from saminv.inversion.optimize import InversionConfig
@@ -304,6 +305,7 @@ def latency_part(model, lpips, image: np.ndarray, runs: int) -> dict:
     return out
 
 
+@reports_errors
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="faces64")

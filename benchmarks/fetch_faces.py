@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import sys
 import urllib.request
 from pathlib import Path
 
-from saminv.errors import InputError
+from saminv.errors import InputError, reports_errors
 from saminv.photos import FACE_ARCHIVES, REGISTRY_FACES, VALIDATION_FACES, FaceArchive, face_archive_dir
 
 
@@ -55,15 +54,12 @@ def fetch_face_archives(directory: Path | None = None, archives: dict[str, FaceA
     return paths
 
 
+@reports_errors
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="Directory for the archives [default: $SAMINV_CACHE/face-archives].")
     args = ap.parse_args()
-    try:
-        paths = fetch_face_archives(args.out)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    paths = fetch_face_archives(args.out)
     print(f"{len(REGISTRY_FACES)} held-out and {sum(map(len, VALIDATION_FACES.values()))} validation faces in "
           f"{len(paths)} archives under {paths[0].parent}")
 

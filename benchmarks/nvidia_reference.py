@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from saminv.errors import reports_errors
 from saminv.models.checkpoints import convert_checkpoint
 
 CONFIGS = [  # (resolution, channel_base, channel_max, conv_clamp)
@@ -98,6 +99,7 @@ def tensorflow_pickle(G) -> bytes:
     return pickle.dumps((gs, gs, gs))
 
 
+@reports_errors
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", type=Path, required=True, help="A stylegan2-ada-pytorch checkout.")

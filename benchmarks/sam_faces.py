@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saminv.errors import reports_errors
 from saminv.imageio import resize_square
 from saminv.inversion.optimize import InversionConfig
 from saminv.inversion.sam import invert_spaces, sam_invert, to_target
@@ -33,6 +34,7 @@ from saminv.photos import OPENCV_DATA, face_photo
 DEFAULT_PHOTOS = ["astronaut", "messi", "lfw-0", "lfw-1", "lfw-2"]
 
 
+@reports_errors
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="faces64")

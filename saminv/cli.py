@@ -6,14 +6,13 @@ a batch failed); outputs are written atomically and never overwrite silently.
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 
-from saminv.errors import InputError
+from saminv.errors import InputError, reports_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="GAN inversion and editing by Spatially-Adaptive Multilayer Selection (SAM) on StyleGAN2.")
@@ -25,27 +24,6 @@ directions_app = typer.Typer(no_args_is_help=True, help="Build and list a model'
 app.add_typer(directions_app, name="directions")
 
 MODEL_HELP = "A built-in model name, a model directory, or a StyleGAN2 checkpoint (rosinality .pt, NVIDIA .pkl)."
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print ``error: message`` on stderr and exit with ``code`` (raises :class:`typer.Exit`)."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def reports_errors(fn: Callable) -> Callable:
-    """Turn InputError (and Ctrl-C) into one line on stderr and a non-zero exit."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except InputError as e:
-            fail(str(e), e.exit_code)
-        except KeyboardInterrupt:
-            fail("interrupted", 130)
-
-    return wrapper
 
 
 def pick_device(device: str) -> str:
